@@ -1,0 +1,40 @@
+# spar-pl: `make help` lists the targets.
+SHELL := bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# pip on this kind of machine prints a warning per package for an unused local index: keep the log readable.
+PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+
+.PHONY: help install quickstart test test-fast lint format clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]' $(PIP_QUIET)
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install spar-pl with its dev extras
+
+quickstart: install ## Run the main job on the embedded default (tiny model, generated image; CPU, offline)
+	$(VENV)/bin/spar-cli quickstart
+
+test: install ## Run the whole test suite (what CI runs)
+	$(VENV)/bin/pytest -q
+
+test-fast: install ## Run the tests not marked slow
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: install ## ruff lint and format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean: ## Remove the virtual environment and build leftovers
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

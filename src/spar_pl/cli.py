@@ -1,0 +1,141 @@
+"""``spar-cli``: the command line.
+
+``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
+features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
+arguments it builds a tiny random SigLIP2-shaped model in-process and draws a sample scene, so it
+runs offline on a CPU; pass ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
+from spar_pl.openvocab import OpenVocabHead
+from spar_pl.render import label_image, overlay, save_atomic
+from spar_pl.sliding import SlidingWindowTeacher
+
+SAMPLE_CLASSES = ("sky", "grass, lawn", "house, building", "sun")
+
+
+def sample_image(height: int = 320, width: int = 480) -> Image.Image:
+    """A generated outdoor scene (sky, grass, a house, the sun) so the quickstart needs no files."""
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    horizon = int(height * 0.55)
+    for y in range(horizon):
+        t = y / max(horizon - 1, 1)
+        draw.line([(0, y), (width, y)], fill=(int(90 + 80 * t), int(150 + 60 * t), 235))
+    for y in range(horizon, height):
+        t = (y - horizon) / max(height - horizon - 1, 1)
+        draw.line([(0, y), (width, y)], fill=(int(60 - 30 * t), int(150 - 50 * t), int(50 - 20 * t)))
+    draw.ellipse([width * 0.75, height * 0.08, width * 0.88, height * 0.08 + width * 0.13], fill=(250, 220, 60))
+    x0, x1, y0 = int(width * 0.2), int(width * 0.45), int(height * 0.35)
+    draw.rectangle([x0, y0, x1, int(height * 0.75)], fill=(170, 90, 60))
+    draw.polygon([(x0 - 10, y0), ((x0 + x1) // 2, int(height * 0.18)), (x1 + 10, y0)], fill=(120, 40, 40))
+    return img
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the quickstart; returns the measured numbers (also printed)."""
+    parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--backbone", default="siglip2", choices=sorted(TINY_MODELS))
+    parser.add_argument("--model-name", default=None, help="open_clip name or hf-hub: id (default: tiny random)")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag")
+    parser.add_argument("--weights", default=None, help="local open_clip weights file")
+    parser.add_argument("--image", default=None, help="an image file (default: a generated scene)")
+    parser.add_argument("--classes", nargs="+", default=list(SAMPLE_CLASSES), help='entries like "grass, lawn"')
+    parser.add_argument("--stride", type=int, default=24)
+    parser.add_argument("--crop", type=int, default=None, help="window side (default: the model's native size)")
+    parser.add_argument("--out", default="results/quickstart")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = args.model_name or (
+        TINY_MODELS[args.backbone] if args.weights is None else BACKBONES[args.backbone]["model_name"]
+    )
+    pretrained = args.pretrained if args.pretrained is not None else "default"
+    encoder = build_encoder(args.backbone, name, pretrained=pretrained, weights=args.weights, device=device)
+    random_weights = name in TINY_MODELS.values()
+    print(
+        f"model: {args.backbone} / {name}"
+        + (" (tiny, random weights: the masks are not meaningful)" if random_weights else "")
+    )
+
+    if args.image:
+        path = Path(args.image)
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"cannot read image {path}: {err}") from err
+    else:
+        image = sample_image()
+    x = encoder.normalize(to_tensor(image).to(device))
+    teacher = SlidingWindowTeacher(encoder, crop=args.crop, stride=args.stride, window_batch=16)
+    height, width = x.shape[-2:]
+    n_windows = teacher.num_windows(height, width)
+    print(f"image: {width}x{height}; teacher: {n_windows} windows of {teacher.crop}px, stride {teacher.stride}")
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        single = encoder(x)
+        t1 = time.perf_counter()
+        sliding = teacher(x)
+        t2 = time.perf_counter()
+        single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
+        cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
+        mse = F.mse_loss(single, sliding).item()
+        head = OpenVocabHead(encoder, args.classes)
+        names = [synonyms[0] for synonyms in head.classes]
+        out = Path(args.out)
+        for tag, feats in (("single", single), ("sliding", sliding)):
+            mask = head.predict(feats, (image.height, image.width))[0].cpu().numpy()
+            save_atomic(overlay(image, mask, names), out / f"overlay_{tag}.png")
+            save_atomic(label_image(mask, len(names)), out / f"labels_{tag}.png")
+    numbers = {
+        "single_pass_s": t1 - t0,
+        "sliding_window_s": t2 - t1,
+        "slowdown": (t2 - t1) / max(t1 - t0, 1e-9),
+        "feature_cosine": cosine,
+        "feature_mse": mse,
+    }
+    print(
+        f"features: single pass {tuple(single.shape)} in {numbers['single_pass_s']:.3f}s, sliding window "
+        f"{tuple(sliding.shape)} in {numbers['sliding_window_s']:.3f}s ({numbers['slowdown']:.1f}x)"
+    )
+    print(f"single pass vs sliding window: mean cosine {cosine:.3f}, MSE {mse:.4f}")
+    print(f"wrote {out}/overlay_single.png, overlay_sliding.png, labels_single.png, labels_sliding.png")
+    return numbers
+
+
+COMMANDS = {"quickstart": quickstart}
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``spar-cli``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: spar-cli {" + ",".join(COMMANDS) + "} [options]\n\n" + __doc__.strip())
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The sliding-window teacher: fine-stride crops through an encoder, folded back by plain averaging.
+
+``SPAR.md`` section 2, exactly: window starts ``range(0, L - c + 1, s)`` plus one window flush with
+the far edge; each window's ``(C, c/p, c/p)`` features bilinearly upsampled to ``(c/f, c/f)``
+(``f = p // u``, :func:`upsample_factor`); summed into a ``(C, H//f, W//f)`` canvas with a count map;
+the average bilinearly resized to the patch grid ``(H//p, W//p)``.
+
+An image smaller than the crop along an axis gets one window spanning that whole axis (the
+reference crashes there): a small image is then encoded in a single pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window start offsets along one axis, the last window flush with the far edge.
+
+    Args:
+        length: image side in pixels.
+        crop: window side; a side shorter than the crop gets the single start 0.
+        stride: step between window starts.
+    """
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"crop and stride must be positive, got crop={crop}, stride={stride}")
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop + 1, stride))
+    if starts[-1] != length - crop:
+        starts.append(length - crop)
+    return starts
+
+
+def upsample_factor(patch: int, stride: int) -> int:
+    """Smallest ``u`` in ``1..patch`` with ``patch % u == 0`` and ``stride % (patch // u) == 0``.
+
+    Window features are upsampled by ``u`` so that every window start lands on the canvas grid
+    of cell ``f = patch // u`` pixels (stride 24, patch 16: ``u = 2``, ``f = 8``).
+    """
+    for u in range(1, patch + 1):
+        if patch % u == 0 and stride % (patch // u) == 0:
+            return u
+    raise AssertionError("unreachable: u = patch always qualifies")
+
+
+def window_boxes(height: int, width: int, crop: int, stride: int) -> torch.Tensor:
+    """All windows as an ``(N, 2)`` tensor of ``(top, left)`` starts, row-major."""
+    tops = torch.tensor(window_starts(height, crop, stride))
+    lefts = torch.tensor(window_starts(width, crop, stride))
+    return torch.cartesian_prod(tops, lefts)
+
+
+class SlidingWindowTeacher(nn.Module):
+    """Dense features from sliding ``crop x crop`` windows at ``stride``, averaged on a fine canvas.
+
+    The encoder is called on batches of at most ``window_batch`` windows, so memory is bounded by the
+    chunk whatever the image size; the fold is one ``index_add_`` per chunk.
+
+    Args:
+        encoder: a :class:`~spar_pl.encoders.DenseEncoder` (anything mapping ``(n, 3, c, c)`` to
+            ``(n, C, c/p, c/p)`` with a ``patch_size`` attribute).
+        crop: window side in pixels; ``None`` takes the encoder's pretraining size.
+        stride: step between windows (the reference uses 24 for every backbone).
+        window_batch: windows per encoder call.
+    """
+
+    def __init__(self, encoder: nn.Module, crop: int | None = None, stride: int = 24, window_batch: int = 16) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.crop = int(crop or encoder.native_size)
+        self.stride = int(stride)
+        self.window_batch = int(window_batch)
+        self.patch_size = int(encoder.patch_size)
+        if self.window_batch < 1:
+            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+        self.cell = self.patch_size // upsample_factor(self.patch_size, self.stride)
+        if self.crop % self.patch_size:
+            raise ValueError(f"crop {self.crop} is not a multiple of the patch size {self.patch_size}")
+
+    def extra_repr(self) -> str:
+        return f"crop={self.crop}, stride={self.stride}, window_batch={self.window_batch}, cell={self.cell}"
+
+    def num_windows(self, height: int, width: int) -> int:
+        """Windows per image of ``height x width``."""
+        return len(window_starts(height, self.crop, self.stride)) * len(window_starts(width, self.crop, self.stride))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher features ``(B, C, H // p, W // p)`` of a normalised image batch ``(B, 3, H, W)``."""
+        b, _, height, width = images.shape
+        f, p = self.cell, self.patch_size
+        ch, cw = min(self.crop, height), min(self.crop, width)  # window size (smaller images: whole side)
+        hf, wf = height // f, width // f
+        boxes = window_boxes(height, width, self.crop, self.stride).to(images.device)
+        n_win = boxes.shape[0]
+        # Canvas offsets of each window's (ch/f, cw/f) cells, flattened: (n_win, ch/f * cw/f).
+        rows = (boxes[:, :1] // f + torch.arange(ch // f, device=images.device)).unsqueeze(2)
+        cols = (boxes[:, 1:] // f + torch.arange(cw // f, device=images.device)).unsqueeze(1)
+        cells = (rows * wf + cols).flatten(1)
+        count = torch.zeros(hf * wf, device=images.device).index_add_(
+            0, cells.flatten(), torch.ones(cells.numel(), device=images.device)
+        )
+        # Pixel indices of each window, for batched extraction without a loop over windows.
+        pix_r = boxes[:, 0, None] + torch.arange(ch, device=images.device)
+        pix_c = boxes[:, 1, None] + torch.arange(cw, device=images.device)
+
+        canvas = None
+        pairs = torch.cartesian_prod(torch.arange(b, device=images.device), torch.arange(n_win, device=images.device))
+        for chunk in pairs.split(self.window_batch):
+            bi, wi = chunk[:, 0], chunk[:, 1]
+            crops = images[bi[:, None, None], :, pix_r[wi][:, :, None], pix_c[wi][:, None, :]]  # (n, ch, cw, 3)
+            feats = self.encoder(crops.permute(0, 3, 1, 2))
+            feats = F.interpolate(feats.float(), size=(ch // f, cw // f), mode="bilinear", align_corners=False)
+            if canvas is None:
+                canvas = feats.new_zeros(b * hf * wf, feats.shape[1])
+            index = (bi[:, None] * (hf * wf) + cells[wi]).flatten()
+            canvas.index_add_(0, index, feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]))
+        canvas = canvas.view(b, hf * wf, -1) / count.clamp(min=1).view(1, -1, 1)
+        canvas = canvas.transpose(1, 2).reshape(b, -1, hf, wf)
+        return F.interpolate(canvas, size=(height // p, width // p), mode="bilinear", align_corners=False)

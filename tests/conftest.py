@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny randomly initialised encoders built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from spar_pl.encoders import TINY_MODELS, DenseEncoder, build_encoder
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that tiny models have no pretrained weights
+
+
+def tiny_encoder(backbone: str, seed: int = 0) -> DenseEncoder:
+    torch.manual_seed(seed)
+    return build_encoder(backbone, TINY_MODELS[backbone])
+
+
+@pytest.fixture(params=["maskclip", "siglip2"])
+def encoder(request) -> DenseEncoder:
+    return tiny_encoder(request.param)
+
+
+@pytest.fixture
+def clip_encoder() -> DenseEncoder:
+    return tiny_encoder("maskclip")
+
+
+@pytest.fixture
+def siglip_encoder() -> DenseEncoder:
+    return tiny_encoder("siglip2")

@@ -1,0 +1,140 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spar_pl.sliding import SlidingWindowTeacher, upsample_factor, window_starts
+
+
+class PatchStatEncoder(nn.Module):
+    """A stand-in encoder whose features are a fixed nonlinear function of each patch's pixels."""
+
+    patch_size = 16
+    native_size = 64
+
+    def __init__(self, channels: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = nn.Conv2d(3, channels, 1)
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return torch.tanh(self.mix(F.avg_pool2d(x, self.patch_size)))
+
+
+def naive_teacher(encoder, images, crop, stride):
+    """The reference semantics written plainly: a Python loop over windows and a Python fold."""
+    b, _, height, width = images.shape
+    p = encoder.patch_size
+    f = p // upsample_factor(p, stride)
+    out = []
+    for img in images:
+        canvas = count = None
+        for top in window_starts(height, crop, stride):
+            for left in window_starts(width, crop, stride):
+                ch, cw = min(crop, height), min(crop, width)
+                feat = encoder(img[None, :, top : top + ch, left : left + cw])
+                feat = F.interpolate(feat, size=(ch // f, cw // f), mode="bilinear", align_corners=False)[0]
+                if canvas is None:
+                    canvas = torch.zeros(feat.shape[0], height // f, width // f)
+                    count = torch.zeros(1, height // f, width // f)
+                canvas[:, top // f : top // f + ch // f, left // f : left // f + cw // f] += feat
+                count[:, top // f : top // f + ch // f, left // f : left // f + cw // f] += 1
+        avg = (canvas / count.clamp(min=1))[None]
+        out.append(F.interpolate(avg, size=(height // p, width // p), mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def test_window_starts_include_the_edge_window():
+    assert window_starts(100, 64, 24) == [0, 24, 36]
+    assert window_starts(112, 64, 24) == [0, 24, 48]
+    assert window_starts(64, 64, 24) == [0]
+    assert window_starts(40, 64, 24) == [0]
+    assert window_starts(1024, 512, 24)[-2:] == [504, 512]
+    with pytest.raises(ValueError):
+        window_starts(100, 64, 0)
+
+
+@pytest.mark.parametrize(
+    ("stride", "factor"), [(8, 2), (16, 1), (24, 2), (32, 1), (56, 2), (112, 1), (224, 1), (12, 4), (7, 16)]
+)
+def test_upsample_factor(stride, factor):
+    assert upsample_factor(16, stride) == factor
+
+
+@pytest.mark.parametrize(("size", "stride"), [((100, 150), 24), ((96, 160), 32), ((128, 80), 56), ((70, 64), 8)])
+def test_fold_is_exact_average(size, stride):
+    enc = PatchStatEncoder()
+    images = torch.randn(2, 3, *size)
+    teacher = SlidingWindowTeacher(enc, crop=64, stride=stride, window_batch=7)
+    with torch.no_grad():
+        got = teacher(images)
+        expected = naive_teacher(enc, images, 64, stride)
+    assert got.shape == (2, 5, size[0] // 16, size[1] // 16)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_constant_features_average_to_the_constant():
+    class Constant(PatchStatEncoder):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3, x.shape[2] // 16, x.shape[3] // 16), 2.5)
+
+    out = SlidingWindowTeacher(Constant(), crop=64, stride=24)(torch.randn(1, 3, 100, 150))
+    torch.testing.assert_close(out, torch.full_like(out, 2.5))
+
+
+def test_non_overlapping_windows_tile_the_single_window_features(encoder):
+    teacher = SlidingWindowTeacher(encoder, crop=64, stride=64)
+    images = torch.randn(1, 3, 128, 192)
+    with torch.no_grad():
+        got = teacher(images)
+        tiles = [[encoder(images[..., r : r + 64, c : c + 64]) for c in (0, 64, 128)] for r in (0, 64)]
+    expected = torch.cat([torch.cat(row, dim=3) for row in tiles], dim=2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_window_batch_changes_nothing_but_chunking(encoder):
+    images = torch.randn(2, 3, 100, 130)
+    small = SlidingWindowTeacher(encoder, crop=64, stride=24, window_batch=1)
+    large = SlidingWindowTeacher(encoder, crop=64, stride=24, window_batch=64)
+    calls = []
+    handle = encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        a = small(images)
+        n_small = len(calls)
+        b = large(images)
+    handle.remove()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    windows = 2 * small.num_windows(100, 130)
+    assert n_small == windows and max(calls) <= 64 and sum(calls[n_small:]) == windows
+
+
+def test_image_smaller_than_crop(encoder):
+    teacher = SlidingWindowTeacher(encoder, crop=64, stride=24)
+    with torch.no_grad():
+        wide = teacher(torch.randn(1, 3, 40, 200))  # short side below the crop: one row of windows
+        tiny = torch.randn(1, 3, 48, 32)
+        small = teacher(tiny)  # both sides below: one window, the single pass
+        single = encoder(tiny)
+    assert wide.shape == (1, encoder.embed_dim, 2, 12)
+    assert teacher.num_windows(40, 200) == len(window_starts(200, 64, 24))
+    up = F.interpolate(single, size=(48 // 8, 32 // 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(small, F.interpolate(up, size=(3, 2), mode="bilinear", align_corners=False))
+
+
+def test_batch_items_are_independent(encoder):
+    images = torch.randn(3, 3, 80, 112)
+    teacher = SlidingWindowTeacher(encoder, crop=64, stride=24, window_batch=5)
+    with torch.no_grad():
+        batched = teacher(images)
+        alone = torch.cat([teacher(images[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_crop_defaults_to_native_size_and_validates(encoder):
+    assert SlidingWindowTeacher(encoder).crop == 64
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        SlidingWindowTeacher(encoder, crop=70)
+    with pytest.raises(ValueError, match="window_batch"):
+        SlidingWindowTeacher(encoder, window_batch=0)
