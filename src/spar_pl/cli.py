@@ -1,5 +1,9 @@
 """``spar-cli``: the command line.
 
+``spar-cli fit|validate|test|predict --config ...`` is a LightningCLI (``spar-cli fit --help``);
+``spar-cli export CKPT OUT`` writes a distilled student as open_clip safetensors; ``spar-cli tiny-data``
+generates images for the tiny CPU config.
+
 ``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
 arguments it builds a tiny random SigLIP2-shaped model in-process and draws a sample scene, so it
@@ -125,14 +129,74 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     return numbers
 
 
-COMMANDS = {"quickstart": quickstart}
+def export(argv: Sequence[str] | None = None) -> Path:
+    """``spar-cli export CKPT OUT``: the student's open_clip weights from a distillation checkpoint, as safetensors."""
+    parser = argparse.ArgumentParser(prog="spar-cli export", description=export.__doc__)
+    parser.add_argument("checkpoint", help="a DistillModule checkpoint (.ckpt)")
+    parser.add_argument("out", help="output .safetensors file, loadable with build_encoder(weights=...)")
+    args = parser.parse_args(argv)
+    from safetensors.torch import save_file
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    prefix = "student.model."
+    weights = {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise SystemExit(f"{path} holds no student weights (keys starting with {prefix!r})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(weights, str(tmp), metadata={"source": str(path), "format": "open_clip"})
+    tmp.replace(out)
+    print(f"wrote {len(weights)} tensors to {out}")
+    return out
+
+
+def tiny_data(argv: Sequence[str] | None = None) -> None:
+    """``spar-cli tiny-data OUT``: generated train/val images for the tiny distillation config."""
+    from spar_pl.data import write_sample_images
+
+    parser = argparse.ArgumentParser(prog="spar-cli tiny-data", description=tiny_data.__doc__)
+    parser.add_argument("out", nargs="?", default="data/tiny")
+    parser.add_argument("--train", type=int, default=12)
+    parser.add_argument("--val", type=int, default=4)
+    args = parser.parse_args(argv)
+    write_sample_images(Path(args.out) / "train", args.train, seed=0)
+    write_sample_images(Path(args.out) / "val", args.val, seed=1)
+    print(f"wrote {args.train} train and {args.val} val images under {args.out}")
+
+
+COMMANDS = {"quickstart": quickstart, "export": export, "tiny-data": tiny_data}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: Sequence[str] | None):
+    """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None if args is None else list(args),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``spar-cli``."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        lightning_cli(args)
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: spar-cli {" + ",".join(COMMANDS) + "} [options]\n\n" + __doc__.strip())
+        names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
+        print("usage: spar-cli {" + names + "} [options]\n\n" + __doc__.strip())
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])
 

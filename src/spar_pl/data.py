@@ -1,0 +1,380 @@
+"""Streaming high-resolution images for distillation: sources, the SPAR augmentation, the DataModule.
+
+Images stream through Hugging Face ``datasets`` (streaming mode) from a local image folder, parquet or
+webdataset shards, or a hub dataset id; they are split across DDP ranks with ``split_dataset_by_node``
+and across loader workers the same way, shuffled with a buffer whose seed changes every epoch, decoded
+here (so a corrupt file is skipped with a warning naming it, never stopping training), and augmented
+with albumentations following ``SPAR.md`` section 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import random
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from datasets import Image as ImageFeature
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+
+from spar_pl.render import save_atomic
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The SPAR augmentation (``SPAR.md`` section 3); the defaults are the paper's.
+
+    Args:
+        box: random resize into this (long, short) box, keeping the aspect ratio.
+        ratio: range of the random box scale.
+        min_side: a short side below this is upscaled to it; crops are at least this.
+        keep_full_p: probability of keeping the full image rather than cropping.
+        crop_range: each crop side is uniform in this fraction of the image side.
+        multiple: sides are floored to a multiple of this (the patch size).
+        flip_p: horizontal flip probability.
+    """
+
+    box: tuple[int, int] = (2048, 1024)
+    ratio: tuple[float, float] = (0.5, 1.0)
+    min_side: int = 512
+    keep_full_p: float = 0.5
+    crop_range: tuple[float, float] = (0.4, 1.0)
+    multiple: int = 16
+    flip_p: float = 0.5
+
+
+PRESETS = {"paper": AugmentConfig(), "extended": AugmentConfig(box=(2560, 2560), ratio=(0.2, 1.0))}
+
+
+def augment_params(height: int, width: int, rng: random.Random, cfg: AugmentConfig) -> dict:
+    """Sample one augmentation: resized size, crop box ``(x0, y0, x1, y1)`` in the resized image, flip."""
+    r = rng.uniform(*cfg.ratio)
+    long_box, short_box = max(cfg.box) * r, min(cfg.box) * r
+    scale = min(long_box / max(height, width), short_box / min(height, width))
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    if min(h, w) < cfg.min_side:
+        up = cfg.min_side / min(h, w)
+        h, w = max(cfg.min_side, round(h * up)), max(cfg.min_side, round(w * up))
+        ch, cw = h, w
+    elif rng.random() < cfg.keep_full_p:
+        ch, cw = h, w
+    else:
+        ch = min(h, max(cfg.min_side, round(h * rng.uniform(*cfg.crop_range))))
+        cw = min(w, max(cfg.min_side, round(w * rng.uniform(*cfg.crop_range))))
+    ch, cw = max(cfg.multiple, ch // cfg.multiple * cfg.multiple), max(cfg.multiple, cw // cfg.multiple * cfg.multiple)
+    y0, x0 = rng.randint(0, h - ch), rng.randint(0, w - cw)
+    return {"size": (h, w), "box": (x0, y0, x0 + cw, y0 + ch), "flip": rng.random() < cfg.flip_p}
+
+
+def augment(image: np.ndarray, params: dict) -> np.ndarray:
+    """Apply sampled parameters with albumentations (resize, crop, flip) to an ``(H, W, 3)`` uint8 image."""
+    (h, w), (x0, y0, x1, y1) = params["size"], params["box"]
+    pipeline = A.Compose(
+        [
+            A.Resize(h, w, interpolation=cv2.INTER_LINEAR),
+            A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+            A.HorizontalFlip(p=1.0 if params["flip"] else 0.0),
+        ]
+    )
+    return pipeline(image=image)["image"]
+
+
+def image_rng(seed: int, image_id: str, epoch: int | None = None) -> random.Random:
+    """A generator seeded by (seed, image id[, epoch]): the same augmentation wherever and whenever it runs."""
+    key = f"{seed}:{image_id}" + ("" if epoch is None else f":{epoch}")
+    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
+def open_source(source: str, split: str = "train"):
+    """A streaming ``datasets.IterableDataset`` of undecoded images, and the name of its image column.
+
+    ``source`` is a local folder of images, a glob or file of ``.parquet`` or ``.tar`` (webdataset) shards, or
+    a hub dataset id.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {path}")
+        ds = load_dataset("imagefolder", data_files={split: files}, split=split, streaming=True)
+    elif source.endswith(".parquet"):
+        ds = load_dataset("parquet", data_files={split: source}, split=split, streaming=True)
+    elif source.endswith(".tar"):
+        ds = load_dataset("webdataset", data_files={split: source}, split=split, streaming=True)
+    else:
+        try:
+            ds = load_dataset(source, split=split, streaming=True)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"image source {source!r} is not a folder, a .parquet/.tar shard pattern, or a reachable hub dataset: "
+                f"{err}"
+            ) from err
+    features = ds.features or {}
+    column = next((k for k, v in features.items() if isinstance(v, ImageFeature)), None)
+    if column is None:
+        column = next((k for k in ("image", "jpg", "jpeg", "png", "webp") if k in features), None)
+    if column is None:
+        raise ValueError(f"image source {source!r} has no image column (columns: {', '.join(features)})")
+    if isinstance(features[column], ImageFeature):
+        ds = ds.cast_column(column, ImageFeature(decode=False))
+    return ds, column
+
+
+def count_images(source: str) -> int | None:
+    """Number of images of a folder source (cheap), else ``None``."""
+    path = Path(source)
+    if path.is_dir():
+        return sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return None
+
+
+def decode(record, column: str) -> tuple[str, np.ndarray]:
+    """(image id, RGB uint8 array) of a record; raises ``OSError``/``ValueError`` naming the file if unreadable."""
+    value = record[column]
+    path = value.get("path") if isinstance(value, dict) else None
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(data, Image.Image):
+        image = data
+    elif data is None and path:
+        image = Image.open(path)
+    else:
+        image = Image.open(io.BytesIO(data))
+    name = Path(path).name if path else record.get("__key__") or hashlib.sha1(image.tobytes()).hexdigest()[:16]
+    image.load()
+    return str(name), np.asarray(image.convert("RGB"))
+
+
+class StreamingImages(torch.utils.data.IterableDataset):
+    """Augmented images from a streaming source, exactly ``per_rank`` samples per rank and epoch.
+
+    Equal sample counts on every rank keep DDP in step even when the source does not split evenly or a
+    file is corrupt: a rank whose share runs out early continues from its shard again (next epoch seed).
+
+    Args:
+        source: see :func:`open_source`.
+        per_rank: samples this rank yields per epoch.
+        rank: this rank; world_size: number of ranks.
+        augmentation: an :class:`AugmentConfig`, or ``None`` for none (images floored to ``multiple``).
+        mode: ``fixed`` (augmentation fixed per image id and seed, as the paper's offline augmentation) or
+            ``fresh`` (new augmentation every epoch).
+        seed: the shuffle and augmentation seed.
+        shuffle_buffer: size of the streaming shuffle buffer (0: no shuffle).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        per_rank: int,
+        rank: int = 0,
+        world_size: int = 1,
+        augmentation: AugmentConfig | None = None,
+        mode: str = "fixed",
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        multiple: int = 16,
+    ) -> None:
+        super().__init__()
+        if mode not in ("fixed", "fresh"):
+            raise ValueError(f"augmentation mode must be 'fixed' or 'fresh', got {mode!r}")
+        self.source, self.per_rank, self.rank, self.world_size = source, per_rank, rank, world_size
+        self.augmentation, self.mode, self.seed = augmentation, mode, seed
+        self.shuffle_buffer, self.multiple = shuffle_buffer, multiple
+        self.epoch = 0
+        self.skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle (and, in ``fresh`` mode, augmentation); resets the skipped count."""
+        self.epoch = epoch
+        with self.skipped.get_lock():
+            self.skipped.value = 0
+
+    def _stream(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict]:
+        ds, column = open_source(self.source)
+        if self.shuffle_buffer:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            ds.set_epoch(epoch)
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        if num_workers > 1:
+            ds = split_dataset_by_node(ds, rank=worker, world_size=num_workers)
+        for record in ds:
+            value = record[column]
+            where = (value.get("path") if isinstance(value, dict) else None) or record.get("__key__") or "a record"
+            try:
+                image_id, image = decode(record, column)
+            except (OSError, ValueError, SyntaxError) as err:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                warnings.warn(f"skipping unreadable image {where} in {self.source}: {err}", stacklevel=2)
+                continue
+            yield self._sample(image_id, image, epoch)
+
+    def _sample(self, image_id: str, image: np.ndarray, epoch: int) -> dict:
+        if self.augmentation is not None:
+            rng = image_rng(self.seed, image_id, epoch if self.mode == "fresh" else None)
+            image = augment(image, augment_params(image.shape[0], image.shape[1], rng, self.augmentation))
+        else:
+            m = self.multiple
+            image = image[: image.shape[0] // m * m, : image.shape[1] // m * m]
+        tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        return {"image": tensor, "id": image_id}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        quota = self.per_rank // num_workers + (1 if worker < self.per_rank % num_workers else 0)
+        produced, passes = 0, 0
+        while produced < quota:
+            before = produced
+            for sample in self._stream(self.epoch * 1000 + passes, worker, num_workers):
+                yield sample
+                produced += 1
+                if produced == quota:
+                    return
+            passes += 1
+            if produced == before:
+                raise RuntimeError(f"no readable images for rank {self.rank} worker {worker} in {self.source}")
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack a batch; images of different sizes are centre-cropped to the smallest common size."""
+    h = min(s["image"].shape[1] for s in samples)
+    w = min(s["image"].shape[2] for s in samples)
+    crops = []
+    for s in samples:
+        top, left = (s["image"].shape[1] - h) // 2, (s["image"].shape[2] - w) // 2
+        crops.append(s["image"][:, top : top + h, left : left + w])
+    return {"image": torch.stack(crops), "id": [s["id"] for s in samples]}
+
+
+class DistillDataModule(L.LightningDataModule):
+    """Streams high-resolution images for distillation (no labels).
+
+    Args:
+        train_source: image folder, ``.parquet``/``.tar`` shard pattern, or hub dataset id.
+        val_source: held-out images for the validation feature MSE (not augmented), or ``None``.
+        num_images: images in ``train_source`` (counted for folders; needed for other sources).
+        preset: ``paper`` or ``extended`` augmentation, or ``none``.
+        box: override the preset's resize box (long, short), e.g. for small CPU runs.
+        min_side: override the preset's minimum side.
+        mode: ``fixed`` (the paper's augment-once, cache-compatible) or ``fresh`` (every epoch).
+        batch_size: images per batch; above 1, images are centre-cropped to the batch's common size.
+        num_workers: loader worker processes.
+        shuffle_buffer: streaming shuffle buffer size.
+        seed: shuffle and augmentation seed.
+    """
+
+    def __init__(
+        self,
+        train_source: str,
+        val_source: str | None = None,
+        num_images: int | None = None,
+        preset: str = "paper",
+        box: tuple[int, int] | None = None,
+        min_side: int | None = None,
+        mode: str = "fixed",
+        batch_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if preset not in (*PRESETS, "none"):
+            raise ValueError(f"unknown augmentation preset {preset!r}; choose paper, extended or none")
+        cfg = PRESETS.get(preset)
+        if cfg is not None and (box is not None or min_side is not None):
+            overrides = {"box": tuple(box or cfg.box), "min_side": min_side or cfg.min_side}
+            cfg = AugmentConfig(**{**cfg.__dict__, **overrides})
+        self.augmentation = cfg
+        self.train_set: StreamingImages | None = None
+        self.val_set: StreamingImages | None = None
+
+    def _dataset(self, source: str, count: int | None, train: bool) -> StreamingImages:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        count = count if count is not None else count_images(source)
+        if count is None:
+            raise ValueError(f"set num_images for the non-folder source {source!r} (needed to keep DDP ranks in step)")
+        # training: the same number on every rank (DDP steps in lockstep); validation: this rank's exact share
+        per_rank = count // world if train else count // world + (1 if rank < count % world else 0)
+        if per_rank == 0 and train:
+            raise ValueError(f"{source}: {count} images cannot feed {world} ranks")
+        hp = self.hparams
+        return StreamingImages(
+            source,
+            per_rank,
+            rank,
+            world,
+            augmentation=self.augmentation if train else None,
+            mode=hp.mode,
+            seed=hp.seed,
+            shuffle_buffer=hp.shuffle_buffer if train else 0,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit"):
+            self.train_set = self._dataset(hp.train_source, hp.num_images, train=True)
+        if hp.val_source and stage in (None, "fit", "validate"):
+            self.val_set = self._dataset(hp.val_source, None, train=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.train_set is not None:
+            self.train_set.set_epoch(epoch)
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images skipped so far by the training stream on this rank."""
+        return self.train_set.skipped.value if self.train_set is not None else 0
+
+    def _loader(self, dataset: StreamingImages, batch_size: int) -> torch.utils.data.DataLoader:
+        workers = self.hparams.num_workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, 1)
+
+
+def write_sample_images(out: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (192, 256)) -> list[Path]:
+    """Write ``count`` generated JPEG scenes (random shapes on gradients) of varying sizes to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        h, w = int(size[0] * rng.uniform(0.75, 1.25)), int(size[1] * rng.uniform(0.75, 1.25))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = rng.uniform(0, 255, 3)[None, None] * (yy[..., None] / h) + rng.uniform(0, 255, 3)[None, None] * (
+            xx[..., None] / w
+        )
+        image = (base / 2).astype(np.uint8)
+        for _ in range(4):
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(8, max(9, min(h, w) // 3))
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(0, 255, 3)
+        path = out / f"sample_{i:04d}.jpg"
+        save_atomic(Image.fromarray(image), path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,110 @@
+"""SPAR distillation: a frozen sliding-window teacher, a trainable single-pass student, MSE on features.
+
+``SPAR.md`` section 3. The teacher is a frozen copy of the student's initial backbone wrapped in a
+:class:`~spar_pl.sliding.SlidingWindowTeacher`. It is not a registered submodule: it follows the module's
+device and dtype, stays in eval mode without gradients, and never enters a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.sliding import SlidingWindowTeacher
+
+
+class DistillModule(L.LightningModule):
+    """Distil the sliding-window teacher into the single-pass student.
+
+    Args:
+        backbone: ``maskclip`` or ``siglip2``.
+        model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
+        pretrained: open_clip pretrained tag (``"default"``: the backbone's).
+        weights: local open_clip weights file (offline).
+        crop: teacher window side (default: the model's pretraining size).
+        stride: teacher window stride (the paper: 24).
+        window_batch: teacher windows per encoder call.
+        trainable: trainable-parameter spec of the student (``blk_-1,blk_-2``; ``all`` for SPAR ALL).
+        lr: AdamW learning rate (constant).
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "siglip2",
+        model_name: str | None = None,
+        pretrained: str | None = "default",
+        weights: str | None = None,
+        crop: int | None = None,
+        stride: int = 24,
+        window_batch: int = 16,
+        trainable: str = "blk_-1,blk_-2",
+        lr: float = 2e-5,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.student: DenseEncoder = build_encoder(backbone, model_name, pretrained=pretrained, weights=weights)
+        self.trainable_names = self.student.set_trainable(trainable)
+        teacher_encoder = copy.deepcopy(self.student).eval().requires_grad_(False)
+        # Not an attribute nn.Module registers: kept out of state_dict, parameters() and checkpoints.
+        object.__setattr__(self, "_teacher", SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch))
+        self.student.train()
+
+    @property
+    def teacher(self) -> SlidingWindowTeacher:
+        """The frozen sliding-window teacher."""
+        return self._teacher
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._teacher._apply(fn, *args, **kwargs)  # follow .to(device) / .half() without being a child
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
+        return self._teacher(images).float()
+
+    def feature_loss(self, images01: torch.Tensor) -> torch.Tensor:
+        """MSE between student and teacher features of a batch of ``[0, 1]`` images."""
+        images = self.student.normalize(images01)
+        targets = self.teacher_features(images)
+        preds = self.student(images)[..., : targets.shape[-2], : targets.shape[-1]]
+        return F.mse_loss(preds.float(), targets)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.feature_loss(batch["image"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.feature_loss(batch["image"])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped", 0)
+        total = int(self.trainer.strategy.reduce(torch.tensor(float(skipped), device=self.device), reduce_op="sum"))
+        self.log("train/skipped_images", float(total), sync_dist=False)
+        if total and self.trainer.is_global_zero:
+            warnings.warn(f"epoch {self.current_epoch}: skipped {total} unreadable images (named above)", stacklevel=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
