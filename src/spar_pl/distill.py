@@ -53,7 +53,8 @@ class DistillModule(L.LightningModule):
         self.trainable_names = self.student.set_trainable(trainable)
         teacher_encoder = copy.deepcopy(self.student).eval().requires_grad_(False)
         # Not an attribute nn.Module registers: kept out of state_dict, parameters() and checkpoints.
-        object.__setattr__(self, "_teacher", SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch))
+        teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
+        object.__setattr__(self, "_teacher", teacher)
         self.student.train()
 
     @property

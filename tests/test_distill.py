@@ -1,0 +1,220 @@
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from spar_pl.cli import main
+from spar_pl.data import (
+    PRESETS,
+    AugmentConfig,
+    StreamingImages,
+    augment,
+    augment_params,
+    image_rng,
+    write_sample_images,
+)
+from spar_pl.distill import DistillModule
+from spar_pl.encoders import build_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "distill" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_sample_images(root / "train", 6, seed=0)
+    write_sample_images(root / "val", 2, seed=1)
+    return root
+
+
+def fit_args(images, root, *extra):
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--data.init_args.train_source",
+        str(images / "train"),
+        "--data.init_args.val_source",
+        str(images / "val"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_offline(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code == 0
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_fast_dev_run(images, tmp_path):
+    main(fit_args(images, tmp_path, "--trainer.fast_dev_run", "true"))
+
+
+def test_augmentation_follows_the_recipe():
+    cfg = PRESETS["paper"]
+    for k in range(200):
+        rng = image_rng(0, f"img{k}")
+        h, w = [(1500, 2250), (300, 400), (2000, 1000), (800, 800)][k % 4]
+        p = augment_params(h, w, rng, cfg)
+        x0, y0, x1, y1 = p["box"]
+        rh, rw = p["size"]
+        assert (y1 - y0) % 16 == 0 and (x1 - x0) % 16 == 0
+        assert 0 <= x0 < x1 <= rw and 0 <= y0 < y1 <= rh
+        assert min(y1 - y0, x1 - x0) >= 512 - 15  # at least 512 before flooring to 16
+        assert max(rh, rw) <= 2048 + 1 or min(rh, rw) == 512  # inside the box unless upscaled to 512
+    image = np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)
+    small = AugmentConfig(box=(256, 128), min_side=64)
+    p = augment_params(300, 500, image_rng(1, "a"), small)
+    out = augment(image, p)
+    assert out.shape == (p["box"][3] - p["box"][1], p["box"][2] - p["box"][0], 3)
+
+
+def test_fixed_mode_repeats_and_fresh_mode_changes(images):
+    small = AugmentConfig(box=(256, 128), min_side=64)
+    fixed = StreamingImages(str(images / "train"), 6, augmentation=small, mode="fixed", shuffle_buffer=0)
+    fresh = StreamingImages(str(images / "train"), 6, augmentation=small, mode="fresh", shuffle_buffer=0)
+    shapes = {}
+    for name, ds in (("fixed", fixed), ("fresh", fresh)):
+        runs = []
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            runs.append({s["id"]: s["image"] for s in ds})
+        shapes[name] = runs
+    a, b = shapes["fixed"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c, d = shapes["fresh"]
+    assert any(c[k].shape != d[k].shape or not torch.equal(c[k], d[k]) for k in c)
+
+
+def test_ranks_see_disjoint_images_in_equal_numbers(images):
+    ranks = [StreamingImages(str(images / "train"), 3, rank=r, world_size=2, shuffle_buffer=4) for r in (0, 1)]
+    ids = [[s["id"] for s in ds] for ds in ranks]
+    assert len(ids[0]) == len(ids[1]) == 3
+    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 6
+
+
+def test_corrupt_image_is_skipped_named_and_counted(images, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((images / "train").iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    ds = StreamingImages(str(folder), 3, shuffle_buffer=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [s["id"] for s in ds]
+    assert len(got) == 3 and "broken.jpg" not in got
+    assert any("broken.jpg" in str(w.message) for w in caught)
+    assert ds.skipped.value == 1
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def tiny_module(**kwargs):
+    torch.manual_seed(0)
+    args = {"backbone": "siglip2", "model_name": "spar-tiny-sl2", "pretrained": None, "crop": 64, "lr": 1e-3}
+    return DistillModule(**{**args, **kwargs})
+
+
+def tiny_data(images, **kwargs):
+    from spar_pl.data import DistillDataModule
+
+    return DistillDataModule(str(images / "train"), box=(256, 128), min_side=64, shuffle_buffer=8, **kwargs)
+
+
+def trainer(root, **kwargs):
+    args = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    args.update(enable_model_summary=False, default_root_dir=str(root))
+    return L.Trainer(**{**args, **kwargs})
+
+
+def test_loss_falls_and_teacher_stays_frozen(images, tmp_path):
+    module = tiny_module()
+    before = {k: v.clone() for k, v in module.teacher.encoder.state_dict().items()}
+    recorder = LossRecorder()
+    trainer(tmp_path, max_epochs=5, callbacks=[recorder], enable_checkpointing=False).fit(module, tiny_data(images))
+    losses = recorder.losses
+    assert len(losses) == 30
+    assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:6])
+    teacher = module.teacher
+    assert not teacher.training and not teacher.encoder.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for k, v in teacher.encoder.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert not any("teacher" in k for k in module.state_dict())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("trunk.blocks." in n for n in trainable)
+
+
+def test_checkpoint_has_no_teacher_and_export_loads(images, tmp_path):
+    main(fit_args(images, tmp_path, "--trainer.max_epochs", "1"))
+    ckpts = sorted(tmp_path.rglob("last.ckpt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=True)["state_dict"]
+    assert state and all(k.startswith("student.") for k in state)
+    out = tmp_path / "student.safetensors"
+    main(["export", str(ckpts[0]), str(out)])
+    module = DistillModule.load_from_checkpoint(ckpts[0])
+    encoder = build_encoder("siglip2", "spar-tiny-sl2", weights=out)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), module.student(x))
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(images, tmp_path):
+    def final_weights(root):
+        newest = max(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+        ckpt = torch.load(newest, map_location="cpu", weights_only=True)
+        return ckpt["state_dict"], ckpt["global_step"]
+
+    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2"))
+    main(fit_args(images, tmp_path / "resumed", "--trainer.max_epochs", "1"))
+    last = next((tmp_path / "resumed").rglob("last.ckpt"))
+    main(fit_args(images, tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(last)))
+    straight, step_a = final_weights(tmp_path / "straight")
+    resumed, step_b = final_weights(tmp_path / "resumed")
+    assert step_a == step_b == 12
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(images, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "spar_pl.cli",
+        *fit_args(images, tmp_path, "--trainer.max_epochs", "4"),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.rglob("last.ckpt"))) == 1
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
+    header = metrics[0].split(",")
+    col = header.index("train/loss_epoch")
+    epoch_losses = [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]]
+    assert len(epoch_losses) == 4 and epoch_losses[-1] < epoch_losses[0], epoch_losses
