@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from spar_pl.cache import TeacherCache, weights_identity
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.sliding import SlidingWindowTeacher
 
@@ -32,6 +33,9 @@ class DistillModule(L.LightningModule):
         trainable: trainable-parameter spec of the student (``blk_-1,blk_-2``; ``all`` for SPAR ALL).
         lr: AdamW learning rate (constant).
         weight_decay: AdamW weight decay.
+        teacher_cache: a teacher-feature cache folder (``spar-cli cache`` fills it); ``None`` runs the teacher
+            in every training step. Entries missing, corrupt or written under another configuration are
+            recomputed and rewritten. Needs the data module's ``fixed`` augmentation and batch size 1.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class DistillModule(L.LightningModule):
         trainable: str = "blk_-1,blk_-2",
         lr: float = 2e-5,
         weight_decay: float = 1e-4,
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -56,6 +61,7 @@ class DistillModule(L.LightningModule):
         teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
         object.__setattr__(self, "_teacher", teacher)
         self.student.train()
+        self.cache: TeacherCache | None = None
 
     @property
     def teacher(self) -> SlidingWindowTeacher:
@@ -77,15 +83,53 @@ class DistillModule(L.LightningModule):
         """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
         return self._teacher(images).float()
 
-    def feature_loss(self, images01: torch.Tensor) -> torch.Tensor:
+    def open_cache(self, datamodule) -> TeacherCache:
+        """The teacher cache for this model and the data module's augmentation (checks compatibility)."""
+        hp, data = self.hparams, datamodule.hparams
+        if data.mode != "fixed" or data.batch_size != 1:
+            raise ValueError(
+                f"teacher_cache needs the data module's fixed augmentation and batch_size 1 (got mode={data.mode!r}, "
+                f"batch_size={data.batch_size}); fresh augmentation needs the in-step teacher (teacher_cache: null)"
+            )
+        manifest = {
+            "backbone": hp.backbone,
+            "model_name": self.student.model_name,
+            "weights": weights_identity(self.student.model_name, hp.pretrained, hp.weights),
+            "crop": self._teacher.crop,
+            "stride": self._teacher.stride,
+            "seed": data.seed,
+            "augmentation": repr(datamodule.augmentation),
+        }
+        return TeacherCache(hp.teacher_cache, manifest)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.teacher_cache and stage == "fit":
+            self.cache = self.open_cache(self.trainer.datamodule)
+
+    def targets(self, images: torch.Tensor, ids: list[str] | None = None, train: bool = False) -> torch.Tensor:
+        """Teacher targets for normalised images: from the cache when training with one, else computed."""
+        if self.cache is None or not train or ids is None:
+            return self.teacher_features(images)
+        p = self.student.patch_size
+        shape = (images.shape[-2] // p, images.shape[-1] // p)
+        cached = [self.cache.load(i, shape) for i in ids]
+        if any(c is None for c in cached):
+            computed = self.teacher_features(images)
+            for k, image_id in enumerate(ids):
+                if cached[k] is None:
+                    self.cache.save(image_id, computed[k])
+            return computed
+        return torch.stack(cached).to(images.device)
+
+    def feature_loss(self, images01: torch.Tensor, ids: list[str] | None = None, train: bool = False) -> torch.Tensor:
         """MSE between student and teacher features of a batch of ``[0, 1]`` images."""
         images = self.student.normalize(images01)
-        targets = self.teacher_features(images)
+        targets = self.targets(images, ids, train)
         preds = self.student(images)[..., : targets.shape[-2], : targets.shape[-1]]
         return F.mse_loss(preds.float(), targets)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.feature_loss(batch["image"])
+        loss = self.feature_loss(batch["image"], batch.get("id"), train=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 

@@ -83,6 +83,7 @@ class DenseEncoder(nn.Module):
         std: per-channel normalisation std; ``None`` takes the backbone's.
     """
 
+    model_name: str = "custom"  # set by build_encoder; a wrapped model is "custom"
     default_mean: tuple[float, float, float] = CLIP_MEAN
     default_std: tuple[float, float, float] = CLIP_STD
 
@@ -383,4 +384,6 @@ def build_encoder(
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:
         raise RuntimeError(f"could not load the tokenizer of {name!r}: {err}") from err
-    return ENCODERS[backbone](model.eval(), tokenizer=tokenizer)
+    encoder = ENCODERS[backbone](model.eval(), tokenizer=tokenizer)
+    encoder.model_name = name
+    return encoder
