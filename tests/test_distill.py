@@ -218,3 +218,10 @@ def test_ddp_two_processes_on_cpu(images, tmp_path):
     col = header.index("train/loss_epoch")
     epoch_losses = [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]]
     assert len(epoch_losses) == 4 and epoch_losses[-1] < epoch_losses[0], epoch_losses
+
+
+def test_missing_source_names_it(tmp_path):
+    from spar_pl.data import DistillDataModule
+
+    with pytest.raises(ValueError, match="no/such/folder"):
+        DistillDataModule(str(tmp_path / "no/such/folder")).setup("fit")

@@ -217,8 +217,7 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device)
     store = module.open_cache(datamodule)
-    datamodule.setup("fit")
-    dataset = datamodule.train_set
+    dataset = datamodule.training_stream()
     dataset.set_epoch(0)
     p = module.student.patch_size
     written = kept = 0

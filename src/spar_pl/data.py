@@ -310,7 +310,10 @@ class DistillDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         count = count if count is not None else count_images(source)
         if count is None:
-            raise ValueError(f"set num_images for the non-folder source {source!r} (needed to keep DDP ranks in step)")
+            raise ValueError(
+                f"image source {source!r} is not an existing folder: if it is shards or a hub dataset id, set "
+                "num_images (every DDP rank must run the same number of steps); if it is a folder, it does not exist"
+            )
         # training: the same number on every rank (DDP steps in lockstep); validation: this rank's exact share
         per_rank = count // world if train else count // world + (1 if rank < count % world else 0)
         if per_rank == 0 and train:
@@ -327,10 +330,14 @@ class DistillDataModule(L.LightningDataModule):
             shuffle_buffer=hp.shuffle_buffer if train else 0,
         )
 
+    def training_stream(self) -> StreamingImages:
+        """The augmented training stream of this rank."""
+        return self._dataset(self.hparams.train_source, self.hparams.num_images, train=True)
+
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in (None, "fit"):
-            self.train_set = self._dataset(hp.train_source, hp.num_images, train=True)
+            self.train_set = self.training_stream()
         if hp.val_source and stage in (None, "fit", "validate"):
             self.val_set = self._dataset(hp.val_source, None, train=False)
 
