@@ -182,3 +182,46 @@ def test_build_errors_name_the_model_and_file(tmp_path):
         build_encoder("dinov3txt")
     with pytest.raises(ValueError, match="unknown backbone 'vit'"):
         build_encoder("vit")
+
+
+@pytest.mark.parametrize("layout", ["authors_ckpt", "plain", "safetensors", "fit_ckpt"])
+def test_spar_checkpoint_layouts_load_strictly(tmp_path, siglip_encoder, layout):
+    from safetensors.torch import save_file
+
+    state = siglip_encoder.model.state_dict()
+    if layout == "authors_ckpt":  # Lightning file of the reference: segmentor.net. + open_clip keys
+        path = tmp_path / "spar.ckpt"
+        torch.save({"state_dict": {f"segmentor.net.{k}": v for k, v in state.items()}, "epoch": 9}, path)
+    elif layout == "plain":
+        path = tmp_path / "plain.pth"
+        torch.save(state, path)
+    elif layout == "safetensors":
+        path = tmp_path / "student.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        path = tmp_path / "fit.ckpt"
+        torch.save({"state_dict": {f"student.model.{k}": v for k, v in state.items()}}, path)
+    torch.manual_seed(99)
+    loaded = build_encoder("siglip2", "spar-tiny-sl2", checkpoint=path)
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), siglip_encoder(x))
+
+
+def test_checkpoint_mismatch_lists_keys(tmp_path, siglip_encoder, clip_encoder):
+    from spar_pl.encoders import load_checkpoint
+
+    state = {f"segmentor.net.{k}": v for k, v in siglip_encoder.model.state_dict().items()}
+    state.pop("segmentor.net.visual.trunk.pos_embed")
+    state["segmentor.net.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ValueError, match=r"bad.ckpt.*missing keys: visual.trunk.pos_embed.*unexpected keys: extra"):
+        load_checkpoint(siglip_encoder, path)
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(clip_encoder, path)
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        build_encoder("siglip2", "spar-tiny-sl2", checkpoint=tmp_path / "nothing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.ckpt"):
+        load_checkpoint(siglip_encoder, tmp_path / "junk.ckpt")

@@ -17,6 +17,8 @@ the SPAR reference implementation (``SPAR.md`` section 1):
 from __future__ import annotations
 
 import math
+import pickle
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -34,6 +36,8 @@ __all__ = [
     "MaskCLIPEncoder",
     "SigLIP2Encoder",
     "build_encoder",
+    "load_checkpoint",
+    "read_state_dict",
     "spar_tiny_vit_siglip",
 ]
 
@@ -341,6 +345,7 @@ def build_encoder(
     pretrained: str | None = "default",
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
 ) -> DenseEncoder:
     """Build a dense encoder the way users name models.
 
@@ -353,6 +358,9 @@ def build_encoder(
         weights: a local open_clip weights file (``.safetensors``, ``.pt``, ``.bin``), for offline use;
             overrides ``pretrained``.
         device: where to put the model.
+        checkpoint: a SPAR checkpoint loaded strictly over the whole model (:func:`load_checkpoint`): the
+            authors' Lightning ``.ckpt`` (``segmentor.net.`` keys), a ``spar-cli fit`` checkpoint, a
+            ``spar-cli export`` file or a plain state dict. The pretrained weights are then not fetched.
     """
     if backbone == "dinov3txt":
         raise NotImplementedError(
@@ -367,14 +375,15 @@ def build_encoder(
         pretrained = defaults["pretrained"] if name == defaults["model_name"] else None
     if name.startswith("hf-hub:"):
         pretrained = None  # the hub repo holds config and weights
-    if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file for model {name!r} not found: {weights}")
+    for path in (weights, checkpoint):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"weights file for model {name!r} not found: {path}")
+    weights = Path(weights) if weights is not None else None
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
+    fetch = weights is None and checkpoint is None
     try:
         model = open_clip.create_model(
-            name, pretrained=None if weights else pretrained, load_weights=weights is None, device=device
+            name, pretrained=pretrained if fetch else None, load_weights=fetch, device=device
         )
         if weights is not None:
             open_clip.load_checkpoint(model, str(weights), device=device)
@@ -386,4 +395,62 @@ def build_encoder(
         raise RuntimeError(f"could not load the tokenizer of {name!r}: {err}") from err
     encoder = ENCODERS[backbone](model.eval(), tokenizer=tokenizer)
     encoder.model_name = name
+    if checkpoint is not None:
+        load_checkpoint(encoder, checkpoint)
     return encoder
+
+
+#: Key prefixes put in front of the open_clip model's keys by known checkpoint layouts.
+CHECKPOINT_PREFIXES = ("segmentor.net.", "student.model.", "model.", "module.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: safetensors, or a torch/Lightning file (its ``state_dict`` if present)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Lightning checkpoints may pickle hyper-parameter objects; the user chose to load this file.
+            warnings.warn(f"{path}: holds pickled objects beyond tensors; loading it as a trusted file", stacklevel=2)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many kinds (struct.error, EOFError, ...) on damaged files
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict of tensors")
+    return state
+
+
+def load_checkpoint(encoder: DenseEncoder, path: str | Path) -> None:
+    """Load a SPAR checkpoint strictly into ``encoder.model``.
+
+    The first known prefix (:data:`CHECKPOINT_PREFIXES`) that every key carries is removed; keys of a
+    Lightning checkpoint that belong to other modules than the model (e.g. a teacher) are not expected.
+
+    Raises:
+        ValueError: naming the file and listing missing and unexpected keys when they do not match.
+    """
+    state = read_state_dict(path)
+    expected = set(encoder.model.state_dict())
+    for prefix in CHECKPOINT_PREFIXES:
+        if any(k.startswith(prefix) for k in state) and not expected & set(state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") or "none"
+
+        raise ValueError(
+            f"checkpoint {path} does not match model {encoder.model_name!r}: missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}"
+        )
+    encoder.model.load_state_dict(state, strict=True)
