@@ -1,0 +1,322 @@
+"""Benchmark readers for open-vocabulary evaluation, in the datasets' official folder layouts.
+
+``SPAR.md`` section 4: VOC21 / VOC20 (VOC2012), Context60 / Context59 (VOC2010 with the Context labels),
+Cityscapes (``labelTrainIds``) and ADE20K. Images are resized for the model with the test rule (keep the
+ratio, long side <= 2048 and short side <= 672, Cityscapes 2048 / 1024; upscaling happens), labels stay at
+their original resolution, where predictions are made. ``reduce_zero_label`` maps 0 to 255 (ignored) and
+k to k - 1. Every image is read, never skipped: a missing or corrupt label is an error naming the file.
+
+Under DDP every rank reads a disjoint stride of the images, without the padding duplicates a
+``DistributedSampler`` adds, so a dataset-level metric counts each image exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Layout and protocol of one benchmark."""
+
+    name: str
+    default_root: str
+    layout: str
+    classes: str
+    reduce_zero_label: bool
+    max_sides: tuple[int, int] = (2048, 672)
+
+
+BENCHMARKS = {
+    "voc21": Benchmark(
+        "voc21",
+        "data/VOCdevkit/VOC2012",
+        "JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/val.txt",
+        "voc21",
+        False,
+    ),
+    "voc20": Benchmark(
+        "voc20",
+        "data/VOCdevkit/VOC2012",
+        "JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/val.txt",
+        "voc20",
+        True,
+    ),
+    "context60": Benchmark(
+        "context60",
+        "data/VOCdevkit/VOC2010",
+        "JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png, ImageSets/SegmentationContext/val.txt",
+        "context60",
+        False,
+    ),
+    "context59": Benchmark(
+        "context59",
+        "data/VOCdevkit/VOC2010",
+        "JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png, ImageSets/SegmentationContext/val.txt",
+        "context59",
+        True,
+    ),
+    "cityscapes": Benchmark(
+        "cityscapes",
+        "data/cityscapes",
+        "leftImg8bit/val/<city>/<name>_leftImg8bit.png, gtFine/val/<city>/<name>_gtFine_labelTrainIds.png",
+        "cityscapes",
+        False,
+        (2048, 1024),
+    ),
+    "ade20k": Benchmark(
+        "ade20k",
+        "data/ade/ADEChallengeData2016",
+        "images/validation/<id>.jpg, annotations/validation/<id>.png",
+        "ade20k",
+        True,
+    ),
+}
+
+
+def eval_size(height: int, width: int, max_long: int = 2048, max_short: int = 672) -> tuple[int, int]:
+    """The test resize: keep the ratio, long side <= ``max_long``, short side <= ``max_short``, rounded."""
+    scale = min(max_long / max(height, width), max_short / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def list_samples(benchmark: Benchmark, root: str | Path, split: str = "val") -> list[tuple[Path, Path, str]]:
+    """``(image, label, name)`` triples of a split, checked against the official layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{benchmark.name}: dataset root not found: {root} (expected layout under it: {benchmark.layout})"
+        )
+    name = benchmark.name
+    if name.startswith(("voc", "context")):
+        sets, labels = (
+            ("Segmentation", "SegmentationClass")
+            if name.startswith("voc")
+            else ("SegmentationContext", "SegmentationClassContext")
+        )
+        split_file = root / "ImageSets" / sets / f"{split}.txt"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{name}: split file not found: {split_file} (layout: {benchmark.layout})")
+        ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        return [(root / "JPEGImages" / f"{i}.jpg", root / labels / f"{i}.png", i) for i in ids]
+    if name == "cityscapes":
+        image_dir = root / "leftImg8bit" / split
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"{name}: image folder not found: {image_dir} (layout: {benchmark.layout})")
+        samples = []
+        for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
+            stem = image.name[: -len("_leftImg8bit.png")]
+            label = root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+            samples.append((image, label, stem))
+        return samples
+    split_dir = {"val": "validation", "train": "training"}.get(split, split)
+    image_dir = root / "images" / split_dir
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{name}: image folder not found: {image_dir} (layout: {benchmark.layout})")
+    return [(p, root / "annotations" / split_dir / f"{p.stem}.png", p.stem) for p in sorted(image_dir.glob("*.jpg"))]
+
+
+def read_label(path: Path, reduce_zero_label: bool = False) -> np.ndarray:
+    """Class indices of a label PNG (palette PNGs read as indices), with optional ``reduce_zero_label``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"label file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                raise ValueError(f"label {path} has mode {img.mode}; expected class indices (palette or grayscale)")
+            label = np.array(img).astype(np.int64)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read label file {path}: {err}") from err
+    if reduce_zero_label:
+        label = np.where(label == 0, 255, label - 1)
+        label[label == 254] = 255
+    return label
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """One benchmark split: test-resized images in ``[0, 1]`` and labels at the original resolution.
+
+    Args:
+        dataset: benchmark name (``voc21``, ``voc20``, ``context60``, ``context59``, ``cityscapes``, ``ade20k``).
+        root: the dataset root (the benchmark's default under ``data/`` if ``None``).
+        split: the split name (``val``).
+    """
+
+    def __init__(self, dataset: str, root: str | Path | None = None, split: str = "val") -> None:
+        if dataset not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {dataset!r}; choose one of {', '.join(BENCHMARKS)}")
+        self.benchmark = BENCHMARKS[dataset]
+        self.root = Path(root or self.benchmark.default_root)
+        self.samples = list_samples(self.benchmark, self.root, split)
+        if not self.samples:
+            raise FileNotFoundError(f"{dataset}: no images found under {self.root} ({self.benchmark.layout})")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, label_path, name = self.samples[index]
+        label = read_label(label_path, self.benchmark.reduce_zero_label)
+        try:
+            with Image.open(image_path) as img:
+                rgb = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"cannot read image {image_path}: {err}") from err
+        if rgb.shape[:2] != label.shape:
+            raise ValueError(f"image {image_path} is {rgb.shape[:2]} but its label {label_path} is {label.shape}")
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+        size = eval_size(*label.shape, *self.benchmark.max_sides)
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        return {"image": image, "label": torch.from_numpy(label), "name": name}
+
+
+class RankShard(torch.utils.data.IterableDataset):
+    """This rank's (and loader worker's) stride of a map-style dataset: every item exactly once overall."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+
+    def indices(self) -> range:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return range(self.rank * workers + worker, len(self.dataset), self.world_size * workers)
+
+    def __iter__(self):
+        return (self.dataset[i] for i in self.indices())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.world_size))
+
+
+def collate_lists(samples: list[dict]) -> dict:
+    """Keep images and labels as lists: their sizes differ, and each is evaluated at its own size."""
+    return {key: [s[key] for s in samples] for key in samples[0]}
+
+
+class SegDataModule(L.LightningDataModule):
+    """Test data of one benchmark in its official layout.
+
+    Args:
+        dataset: benchmark name.
+        root: dataset root (default: the benchmark's folder under ``data/``).
+        split: split name.
+        batch_size: images per batch (results do not depend on it).
+        num_workers: loader worker processes.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "voc21",
+        root: str | None = None,
+        split: str = "val",
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data: SegDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.data = SegDataset(self.hparams.dataset, self.hparams.root, self.hparams.split)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return torch.utils.data.DataLoader(
+            RankShard(self.data, rank, world),
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_lists,
+        )
+
+    predict_dataloader = test_dataloader
+    val_dataloader = test_dataloader
+
+
+VOC_PALETTE = np.array(
+    [
+        [(i >> 0 & 1) * 128 + (i >> 3 & 1) * 64, (i >> 1 & 1) * 128 + (i >> 4 & 1) * 64, (i >> 2 & 1) * 128]
+        for i in range(256)
+    ],
+    dtype=np.uint8,
+)
+
+
+def write_tiny_benchmarks(root: str | Path, images: int = 3, seed: int = 0) -> dict[str, Path]:
+    """Write tiny versions of the six benchmarks in their official layouts (roots returned per benchmark).
+
+    Images are small generated scenes; labels are blocks of valid classes with an ignored (255) border,
+    palette PNGs for VOC and Context, grayscale PNGs for Cityscapes train ids and ADE20K.
+    """
+    from spar_pl.render import save_atomic
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+
+    def scene(h: int, w: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        label = np.zeros((h, w), np.uint8)
+        image = np.zeros((h, w, 3), np.uint8)
+        for _ in range(4):
+            y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            cls = int(rng.integers(0, classes))
+            label[y0 : y0 + h // 2, x0 : x0 + w // 2] = cls
+            image[y0 : y0 + h // 2, x0 : x0 + w // 2] = rng.integers(0, 255, 3)
+        label[:2] = 255
+        return image, label
+
+    def put(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path, palette: bool) -> None:
+        save_atomic(Image.fromarray(image), image_path)
+        lab = Image.fromarray(label, mode="P" if palette else "L")
+        if palette:
+            lab.putpalette(VOC_PALETTE.flatten().tolist())
+        save_atomic(lab, label_path)
+
+    roots = {}
+    for year, label_dir, sets, classes in (
+        ("VOC2012", "SegmentationClass", "Segmentation", 21),
+        ("VOC2010", "SegmentationClassContext", "SegmentationContext", 60),
+    ):
+        base = root / "VOCdevkit" / year
+        ids = [f"2008_{k:06d}" for k in range(images)]
+        for i in ids:
+            image, label = scene(75, 100, classes)
+            put(image, label, base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png", palette=True)
+        (base / "ImageSets" / sets).mkdir(parents=True, exist_ok=True)
+        (base / "ImageSets" / sets / "val.txt").write_text("\n".join(ids) + "\n")
+        for name in ("voc21", "voc20") if year == "VOC2012" else ("context60", "context59"):
+            roots[name] = base
+    base = root / "cityscapes"
+    for k in range(images):
+        city = ("frankfurt", "lindau")[k % 2]
+        stem = f"{city}_000000_{k:06d}"
+        image, label = scene(64, 128, 19)
+        put(
+            image,
+            label,
+            base / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png",
+            base / "gtFine" / "val" / city / f"{stem}_gtFine_labelTrainIds.png",
+            palette=False,
+        )
+    roots["cityscapes"] = base
+    base = root / "ade" / "ADEChallengeData2016"
+    for k in range(images):
+        image, label = scene(80, 96, 151)
+        label[label == 255] = 0  # ADE20K marks "other" with 0, which reduce_zero_label ignores
+        stem = f"ADE_val_{k:08d}"
+        put(
+            image,
+            label,
+            base / "images" / "validation" / f"{stem}.jpg",
+            base / "annotations" / "validation" / f"{stem}.png",
+            palette=False,
+        )
+    roots["ade20k"] = base
+    return roots

@@ -1,0 +1,187 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spar_pl.evaluate import SegEvalModule, render_table, table_runs
+from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label, write_tiny_benchmarks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return write_tiny_benchmarks(tmp_path_factory.mktemp("bench"), images=3)
+
+
+def test_eval_size_rule():
+    assert eval_size(375, 500) == (672, 896)  # VOC is upscaled
+    assert eval_size(1024, 2048, 2048, 1024) == (1024, 2048)  # Cityscapes native
+    assert eval_size(512, 683) == (672, 896)
+    assert eval_size(3000, 1000) == (2016, 672)
+
+
+def test_reduce_zero_label(tmp_path):
+    path = tmp_path / "l.png"
+    Image.fromarray(np.array([[0, 1, 2], [255, 150, 3]], np.uint8)).save(path)
+    assert read_label(path, reduce_zero_label=True).tolist() == [[255, 0, 1], [255, 149, 2]]
+    assert read_label(path).tolist() == [[0, 1, 2], [255, 150, 3]]
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_each_reader_on_its_official_layout(bench, name):
+    data = SegDataset(name, bench[name])
+    assert len(data) == 3
+    sample = data[0]
+    label, image = sample["label"], sample["image"]
+    h, w = label.shape
+    assert image.shape[1:] == eval_size(h, w, *BENCHMARKS[name].max_sides)
+    assert 0 <= image.min() and image.max() <= 1
+    valid = label[label != 255]
+    assert valid.numel() > 0 and valid.max() < {"voc21": 21, "voc20": 20, "context60": 60}.get(name, 150)
+    if name == "voc21":  # palette PNG read as indices, 255 border kept
+        assert (label[:2] == 255).all()
+
+
+def test_missing_layout_errors_name_the_path(bench, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*JPEGImages"):
+        SegDataset("voc21", tmp_path / "nowhere")
+    (tmp_path / "VOC2012").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Segmentation/val.txt"):
+        SegDataset("voc21", tmp_path / "VOC2012")
+    root = bench["voc20"]
+    data = SegDataset("voc20", root)
+    label = data.samples[1][1]
+    saved = label.read_bytes()
+    try:
+        label.write_bytes(b"broken")
+        with pytest.raises(ValueError, match=label.name):
+            data[1]
+        label.unlink()
+        with pytest.raises(FileNotFoundError, match=label.name):
+            data[1]
+    finally:
+        label.write_bytes(saved)
+
+
+def tiny_eval(**kwargs):
+    torch.manual_seed(0)
+    args = {"backbone": "siglip2", "model_name": "spar-tiny-sl2", "pretrained": None, "crop": 64, "results_dir": None}
+    return SegEvalModule(**{**args, **kwargs})
+
+
+def run_test(module, datamodule):
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return trainer.test(module, datamodule, verbose=False)[0]
+
+
+def test_perfect_prediction_gives_miou_one_and_ignores_255(bench):
+    module = tiny_eval(classes="voc21")
+
+    def oracle(image, size):
+        label = oracle.labels.pop(0)
+        return torch.where(label == 255, torch.tensor(7), label)  # wrong only where ignored
+
+    data = SegDataset("voc21", bench["voc21"])
+    oracle.labels = [data[i]["label"] for i in range(len(data))]
+    module.predict_mask = oracle
+    metrics = run_test(module, SegDataModule("voc21", str(bench["voc21"])))
+    assert metrics["test/mIoU"] == pytest.approx(100.0)
+
+
+def test_hand_computed_three_class_example():
+    module = tiny_eval(classes=["a", "b", "c"])
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
+    module.miou.update(pred, label)
+    module.iou.update(pred, label)
+    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1, fn 1 -> 2/4; class 2: tp 1, fp 1, fn 1 -> 1/3
+    expected = [1 / 3, 2 / 4, 1 / 3]
+    torch.testing.assert_close(module.iou.compute(), torch.tensor(expected))
+    assert float(module.miou.compute()) == pytest.approx(sum(expected) / 3)
+    module.miou.reset()
+    module.miou.update(torch.tensor([0, 0]), torch.tensor([0, 1]))  # class 2 absent from both: excluded
+    assert float(module.miou.compute()) == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_batch_size_does_not_change_the_numbers(bench, tmp_path):
+    one = run_test(tiny_eval(classes="ade20k"), SegDataModule("ade20k", str(bench["ade20k"]), batch_size=1))
+    two = run_test(tiny_eval(classes="ade20k"), SegDataModule("ade20k", str(bench["ade20k"]), batch_size=2))
+    assert one["test/mIoU"] == pytest.approx(two["test/mIoU"], abs=1e-9)
+
+
+def test_sliding_mode_and_checkpoint_rows(bench, tmp_path):
+    from safetensors.torch import save_file
+
+    base = tiny_eval(classes="voc20")
+    path = tmp_path / "student.ckpt"
+    torch.save({"state_dict": {f"segmentor.net.{k}": v for k, v in base.encoder.model.state_dict().items()}}, path)
+    assert tiny_eval(checkpoint=str(path)).row == "SPAR"
+    assert tiny_eval(mode="sliding").row == "pretrained, sliding window s=24"
+    save_file({k: v.contiguous() for k, v in base.encoder.model.state_dict().items()}, str(tmp_path / "s.safetensors"))
+    assert tiny_eval(weights=str(tmp_path / "s.safetensors")).row == "SPAR"
+    module = tiny_eval(classes="voc20", mode="sliding", results_dir=str(tmp_path), results_name="t")
+    run_test(module, SegDataModule("voc20", str(bench["voc20"])))
+    entry = json.loads((tmp_path / "t.json").read_text())[-1]
+    assert entry["dataset"] == "voc20" and entry["images"] == 3 and entry["row"].startswith("pretrained, sliding")
+    assert set(entry["per_class_IoU"]) == {n[0] for n in base.head.classes}
+
+
+def test_table_runs_and_rendering(tmp_path):
+    runs = table_runs("maskclip", "spar.ckpt")
+    assert len(runs) == 18
+    voc21 = [args for d, _, args in runs if d == "voc21"]
+    assert all("--model.init_args.area_thd" in a for a in voc21)  # MaskCLIP's VOC21 thresholds
+    assert not any("--model.init_args.area_thd" in a for d, _, a in runs if d != "voc21")
+    entries = [{"dataset": d, "row": r, "mIoU": 10.0 + i, "seconds_per_image": 0.5} for i, (d, r, _) in enumerate(runs)]
+    (tmp_path / "b.json").write_text(json.dumps(entries))
+    table = render_table(tmp_path / "b.json", tmp_path / "b.md")
+    lines = table.splitlines()
+    assert lines[2].split("|")[1:-1][1:8] == [" VOC21 ", " VOC20 ", " City ", " ADE ", " C60 ", " C59 ", " mean "]
+    spar = next(line for line in lines if line.startswith("| SPAR"))
+    assert spar.split("|")[2].strip() == "12.0" and (tmp_path / "b.md").read_text() == table
+
+
+@pytest.mark.slow
+def test_ddp_counts_every_image_exactly_once(bench, tmp_path):
+    """3 images on 2 CPU processes: the same per-class IoU and pixel count as one process."""
+
+    def run(devices: int, name: str) -> dict:
+        cmd = [sys.executable, "-m", "spar_pl.cli", "test", "--config", str(ROOT / "configs/eval/context59.yaml")]
+        cmd += ["--config", str(ROOT / "configs/backbones/tiny.yaml"), "--data.init_args.root", str(bench["context59"])]
+        cmd += ["--model.init_args.results_dir", str(tmp_path), "--model.init_args.results_name", name]
+        cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--data.init_args.num_workers", "0"]
+        if devices > 1:
+            cmd += ["--trainer.strategy", "ddp"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / f"{name}.json").read_text())[-1]
+
+    single, ddp = run(1, "one"), run(2, "two")
+    assert ddp["devices"] == 2 and ddp["images"] == single["images"] == 3
+    assert ddp["pixels"] == single["pixels"]
+    assert ddp["per_class_IoU"] == pytest.approx(single["per_class_IoU"], abs=1e-9)
+    assert ddp["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_table_tiny_end_to_end(tmp_path):
+    from spar_pl.evaluate import table_command
+
+    table = table_command(["--tiny", "--results", str(tmp_path)])
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "pretrained, single pass",
+        "pretrained, sliding window s=24",
+        "SPAR",
+    ]
+    assert all("-" not in r.split("|")[2:10] for r in rows)
+    assert (tmp_path / "tiny.md").is_file() and len(json.loads((tmp_path / "tiny.json").read_text())) == 18
