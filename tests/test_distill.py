@@ -209,8 +209,10 @@ def test_ddp_two_processes_on_cpu(images, tmp_path):
         "2",
         "--trainer.accelerator",
         "cpu",
+        "--trainer.callbacks+=tests.helpers.RecordIds",
+        f"--trainer.callbacks.out={tmp_path / 'ids'}",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.rglob("last.ckpt"))) == 1
     metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
@@ -218,6 +220,10 @@ def test_ddp_two_processes_on_cpu(images, tmp_path):
     col = header.index("train/loss_epoch")
     epoch_losses = [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]]
     assert len(epoch_losses) == 4 and epoch_losses[-1] < epoch_losses[0], epoch_losses
+    seen = [[line.split() for line in (tmp_path / "ids" / f"rank{r}.txt").read_text().splitlines()] for r in (0, 1)]
+    for epoch in "0123":
+        ids = [{i for e, i in rank if e == epoch} for rank in seen]
+        assert len(ids[0]) == len(ids[1]) == 3 and not ids[0] & ids[1], (epoch, ids)
 
 
 def test_missing_source_names_it(tmp_path):
@@ -225,3 +231,31 @@ def test_missing_source_names_it(tmp_path):
 
     with pytest.raises(ValueError, match="no/such/folder"):
         DistillDataModule(str(tmp_path / "no/such/folder")).setup("fit")
+
+
+def test_parquet_and_webdataset_sources(images, tmp_path):
+    import io
+    import tarfile
+
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    files = sorted((images / "train").glob("*.jpg"))
+    table = Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in files]})
+    table.cast_column("image", ImageFeature()).to_parquet(str(tmp_path / "shard-0.parquet"))
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for p in files:
+            info = tarfile.TarInfo(f"{p.stem}.jpg")
+            info.size = p.stat().st_size
+            tar.addfile(info, io.BytesIO(p.read_bytes()))
+    for source in (tmp_path / "shard-0.parquet", tmp_path / "shard-0.tar"):
+        got = list(StreamingImages(str(source), 6, shuffle_buffer=0))
+        assert len({s["id"] for s in got}) == 6, source
+        assert all(s["image"].shape[1] % 16 == 0 and s["image"].shape[2] % 16 == 0 for s in got)
+
+
+def test_loader_workers_split_the_stream(images):
+    ds = StreamingImages(str(images / "train"), 6, shuffle_buffer=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    ids = [s["id"] for s in loader]
+    assert sorted(ids) == sorted(p.name for p in (images / "train").glob("*.jpg"))

@@ -23,8 +23,8 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+from datasets import Features, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
-from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
@@ -109,7 +109,9 @@ def open_source(source: str, split: str = "train"):
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {path}")
-        ds = load_dataset("imagefolder", data_files={split: files}, split=split, streaming=True)
+        # One shard per file, so DDP ranks and loader workers split the folder by files.
+        features = Features({"image": ImageFeature(decode=False)})
+        ds = IterableDataset.from_generator(_folder_records, features=features, gen_kwargs={"files": files})
     elif source.endswith(".parquet"):
         ds = load_dataset("parquet", data_files={split: source}, split=split, streaming=True)
     elif source.endswith(".tar"):
@@ -131,6 +133,11 @@ def open_source(source: str, split: str = "train"):
     if isinstance(features[column], ImageFeature):
         ds = ds.cast_column(column, ImageFeature(decode=False))
     return ds, column
+
+
+def _folder_records(files: list[str]) -> Iterator[dict]:
+    for path in files:
+        yield {"image": {"path": path, "bytes": None}}
 
 
 def count_images(source: str) -> int | None:
@@ -204,14 +211,16 @@ class StreamingImages(torch.utils.data.IterableDataset):
         with self.skipped.get_lock():
             self.skipped.value = 0
 
-    def _stream(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict]:
+    def _rank_stream(self, epoch: int):
+        """This rank's share of the source, shuffled for the epoch (loader workers then split it by shards)."""
         ds, column = open_source(self.source)
         if self.shuffle_buffer:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(epoch)
-        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
-        if num_workers > 1:
-            ds = split_dataset_by_node(ds, rank=worker, world_size=num_workers)
+        return split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size), column
+
+    def _stream(self, epoch: int) -> Iterator[dict]:
+        ds, column = self._rank_stream(epoch)
         for record in ds:
             value = record[column]
             where = (value.get("path") if isinstance(value, dict) else None) or record.get("__key__") or "a record"
@@ -237,11 +246,15 @@ class StreamingImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        quota = self.per_rank // num_workers + (1 if worker < self.per_rank % num_workers else 0)
+        # datasets hands each loader worker whole shards and idles workers beyond the shard count.
+        active = min(num_workers, self._rank_stream(0)[0].num_shards)
+        if worker >= active:
+            return
+        quota = self.per_rank // active + (1 if worker < self.per_rank % active else 0)
         produced, passes = 0, 0
         while produced < quota:
             before = produced
-            for sample in self._stream(self.epoch * 1000 + passes, worker, num_workers):
+            for sample in self._stream(self.epoch * 1000 + passes):
                 yield sample
                 produced += 1
                 if produced == quota:

@@ -1,0 +1,17 @@
+"""Callbacks the subprocess tests load through the CLI (``--trainer.callbacks+=tests.helpers.RecordIds``)."""
+
+from pathlib import Path
+
+import lightning as L
+
+
+class RecordIds(L.Callback):
+    """Append ``epoch id`` lines of every training image to ``<out>/rank<r>.txt``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / f"rank{trainer.global_rank}.txt").open("a") as fh:
+            fh.writelines(f"{trainer.current_epoch} {i}\n" for i in batch["id"])
