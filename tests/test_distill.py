@@ -259,3 +259,13 @@ def test_loader_workers_split_the_stream(images):
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     ids = [s["id"] for s in loader]
     assert sorted(ids) == sorted(p.name for p in (images / "train").glob("*.jpg"))
+
+
+def test_teacher_copies_only_the_vision_tower():
+    module = tiny_module()
+    teacher, student = module.teacher.encoder.model, module.student.model
+    assert teacher.visual is not student.visual
+    assert teacher.text is student.text  # text tower shared, not duplicated
+    torch.testing.assert_close(teacher.visual.trunk.pos_embed, student.visual.trunk.pos_embed)
+    module.student.model.visual.trunk.pos_embed.data.add_(1.0)
+    assert not torch.equal(teacher.visual.trunk.pos_embed, student.visual.trunk.pos_embed)

@@ -56,7 +56,11 @@ class DistillModule(L.LightningModule):
         self.save_hyperparameters()
         self.student: DenseEncoder = build_encoder(backbone, model_name, pretrained=pretrained, weights=weights)
         self.trainable_names = self.student.set_trainable(trainable)
-        teacher_encoder = copy.deepcopy(self.student).eval().requires_grad_(False)
+        # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
+        model = self.student.model
+        shared = {id(m): m for name, m in model.named_children() if name != "visual"}
+        shared.update({id(p): p for p in model._parameters.values() if p is not None})
+        teacher_encoder = copy.deepcopy(self.student, memo=shared).eval().requires_grad_(False)
         # Not an attribute nn.Module registers: kept out of state_dict, parameters() and checkpoints.
         teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
         object.__setattr__(self, "_teacher", teacher)
