@@ -5,3 +5,14 @@ features (:mod:`spar_pl.encoders`); features -> text similarity -> mask (:mod:`s
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["SPAR", "load"]
+
+
+def __getattr__(name: str):
+    """``spar_pl.load`` and ``spar_pl.SPAR``, imported on first use so that ``import spar_pl`` stays light."""
+    if name in __all__:
+        from spar_pl import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'spar_pl' has no attribute {name!r}")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from spar_pl.fileio import save_safetensors, write_text
 
 MANIFEST_KEYS = ("backbone", "model_name", "weights", "crop", "stride", "seed", "augmentation")
 
@@ -53,7 +52,7 @@ class TeacherCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest = {k: str(manifest[k]) for k in MANIFEST_KEYS}
         self.rejected = 0
-        (self.root / "manifest.json").write_text(json.dumps(self.manifest, indent=2))
+        write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=2))
 
     def path(self, image_id: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)
@@ -83,13 +82,4 @@ class TeacherCache:
         feats = features.detach().to("cpu", torch.float16).contiguous()
         meta = {**self.manifest, "image_id": image_id, "shape": "x".join(map(str, feats.shape))}
         meta["sha256"] = _digest(feats)
-        path = self.path(image_id)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"features": feats}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_safetensors({"features": feats}, self.path(image_id), meta)

@@ -8,6 +8,9 @@ generates images for the tiny CPU config.
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
 arguments it builds a tiny random SigLIP2-shaped model in-process and draws a sample scene, so it
 runs offline on a CPU; pass ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
+
+``spar-cli segment IMAGE_OR_DIR... --classes "road, car, sky" --out DIR`` writes overlays and label PNGs for your
+images; ``spar-cli features IMAGE_OR_DIR... --out DIR`` writes dense features as safetensors (``--help`` on each).
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("checkpoint", help="a DistillModule checkpoint (.ckpt)")
     parser.add_argument("out", help="output .safetensors file, loadable with build_encoder(weights=...)")
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
+    from spar_pl.fileio import save_safetensors
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -182,11 +185,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
     weights = {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise SystemExit(f"{path} holds no student weights (keys starting with {prefix!r})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(weights, str(tmp), metadata={"source": str(path), "format": "open_clip"})
-    tmp.replace(out)
+    out = save_safetensors(weights, args.out, {"source": str(path), "format": "open_clip"})
     print(f"wrote {len(weights)} tensors to {out}")
     return out
 
@@ -251,14 +250,141 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     return numbers
 
 
-COMMANDS = {"quickstart": quickstart, "export": export, "tiny-data": tiny_data, "cache": cache}
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Arguments shared by ``segment`` and ``features``: inputs, output folder, model, mode, size."""
+    from spar_pl.api import MODES
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--backbone", default="siglip2", choices=sorted(BACKBONES))
+    parser.add_argument("--model-name", default=None, help="open_clip name or hf-hub: id (default: the backbone's)")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the backbone's)")
+    parser.add_argument("--weights", default=None, help="local open_clip weights file (offline)")
+    parser.add_argument("--checkpoint", default=None, help="SPAR checkpoint: .ckpt or spar-cli export .safetensors")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--mode", default="single", choices=MODES, help="single pass or sliding-window teacher")
+    parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
+    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
+    parser.add_argument("--max-side", type=_positive_int, default=None, help="downscale longer sides to this first")
+    return parser
+
+
+def _load_model(args: argparse.Namespace):
+    from spar_pl.api import load
+
+    pretrained = args.pretrained if args.pretrained is not None else "default"
+    try:
+        return load(args.backbone, args.checkpoint, args.device, args.model_name, pretrained, args.weights)
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
+        raise SystemExit(f"spar-cli: {err}") from err
+
+
+def _run_batch(args: argparse.Namespace, work, desc: str) -> int:
+    """Run ``work(path, stem)`` over the inputs; print a summary; exit 1 after the run if any input failed."""
+    from spar_pl.api import collect_images, output_stems, run_images
+
+    paths, failures = collect_images(args.images)
+    stems = output_stems(paths)
+    failed = run_images(paths, lambda path: work(path, stems[path]), desc)
+    print(f"{desc}: {len(paths) - len(failed)} of {len(paths)} images done, outputs in {args.out}")
+    failures += failed
+    if failures:
+        print(f"{len(failures)} input(s) failed:", file=sys.stderr)
+        for _, message in failures:
+            print(f"  {message}", file=sys.stderr)
+        raise SystemExit(1)
+    return len(paths)
+
+
+def segment(argv: Sequence[str] | None = None) -> int:
+    """``spar-cli segment IMAGE_OR_DIR... --classes "road, car, sky" --out DIR``: per image a colour overlay with a
+    legend (``<stem>_overlay.png``), the palette label PNG (``<stem>_labels.png``) and, with ``--save-probs``,
+    float16 class probabilities (``<stem>_probs.safetensors``), all at the image's original size."""
+    from spar_pl.api import resolve_classes, split_class_names
+
+    parser = _inference_parser("spar-cli segment", segment.__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--classes", help='comma-separated class names, one class each: "road, car, sky"')
+    group.add_argument("--classes-file", help='class file, one class a line, synonyms "name, synonym" (or voc21 ...)')
+    parser.add_argument("--logit-scale", type=float, default=40.0)
+    parser.add_argument("--prob-thd", type=float, default=0.0, help="pixels scoring below this become class 0")
+    parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.safetensors (K, H, W)")
+    args = parser.parse_args(argv)
+    try:
+        parsed = resolve_classes(split_class_names(args.classes) if args.classes is not None else args.classes_file)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    if len(parsed) > 256:
+        parser.error(f"{len(parsed)} classes: the label PNG holds at most 256")
+    classes = [", ".join(names) for names in parsed]
+    model = _load_model(args)
+    print(f"{model}: {len(classes)} classes ({'; '.join(classes)}), mode {args.mode}")
+
+    def work(path: Path, stem: str) -> None:
+        result = model.segment(
+            path,
+            classes,
+            args.mode,
+            args.stride,
+            args.crop,
+            args.logit_scale,
+            args.prob_thd,
+            args.max_side,
+            return_probs=args.save_probs,
+        )
+        result.save(args.out, stem, probs=args.save_probs)
+
+    return _run_batch(args, work, "segment")
+
+
+def features(argv: Sequence[str] | None = None) -> int:
+    """``spar-cli features IMAGE_OR_DIR... --out DIR``: dense features per image as ``<stem>.safetensors``, tensor
+    ``features`` (1, C, h, w) (NCHW) with metadata (backbone, model, mode, stride, image and input sizes, dtype)."""
+    parser = _inference_parser("spar-cli features", features.__doc__)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
+    args = parser.parse_args(argv)
+    model = _load_model(args)
+    print(f"{model}: mode {args.mode}, {args.dtype}{', upsampled to the image size' if args.upsample else ''}")
+
+    def work(path: Path, stem: str) -> None:
+        model.write_features(
+            path,
+            Path(args.out) / f"{stem}.safetensors",
+            args.mode,
+            args.stride,
+            args.crop,
+            args.upsample,
+            args.max_side,
+            getattr(torch, args.dtype),
+        )
+
+    return _run_batch(args, work, "features")
+
+
+COMMANDS = {
+    "quickstart": quickstart,
+    "export": export,
+    "tiny-data": tiny_data,
+    "cache": cache,
+    "segment": segment,
+    "features": features,
+}
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``)."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     return LightningCLI(
         L.LightningModule,
@@ -267,6 +393,10 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         subclass_mode_data=True,
         args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
+        # a training run records its config beside its logs; test/validate/predict runs write no config.yaml
+        save_config_callback=SaveConfigCallback
+        if (sys.argv[1:] if args is None else list(args))[:1] == ["fit"]
+        else None,
         auto_configure_optimizers=False,
         run=run,
     )

@@ -10,9 +10,7 @@ appends its numbers to ``results/<name>.json``; :func:`render_table` turns those
 from __future__ import annotations
 
 import json
-import os
 import resource
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.encoders import build_encoder
+from spar_pl.fileio import write_text
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.sliding import SlidingWindowTeacher
 
@@ -164,13 +163,9 @@ class SegEvalModule(L.LightningModule):
 
 def append_result(path: Path, entry: dict) -> None:
     """Append one entry to a JSON list file, atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     entries = json.loads(path.read_text()) if path.is_file() else []
     entries.append(entry)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(entries, fh, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(entries, indent=1))
 
 
 def render_table(results: Path, out: Path | None = None, title: str | None = None) -> str:
@@ -194,10 +189,7 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
         lines.append("| " + " | ".join([row, *shown, s_img]) + " |")
     text = "\n".join(lines) + "\n"
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text(out, text)
     return text
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from spar_pl.fileio import atomic_path
 
 
 def palette(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -49,7 +49,8 @@ def label_image(mask: np.ndarray, num_classes: int) -> Image.Image:
     """A palette PNG image of class indices (readable back as indices with PIL)."""
     if num_classes > 256:
         raise ValueError(f"a palette PNG holds at most 256 classes, got {num_classes}")
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img = Image.fromarray(mask.astype(np.uint8)).convert("L")
+    img = Image.frombytes("P", img.size, img.tobytes())  # indices as they are, no palette quantisation
     img.putpalette(palette(num_classes).flatten().tolist())
     return img
 
@@ -57,13 +58,6 @@ def label_image(mask: np.ndarray, num_classes: int) -> Image.Image:
 def save_atomic(image: Image.Image, path: str | Path) -> Path:
     """Save a PIL image through a temporary file in the same folder, then rename: never half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path

@@ -274,8 +274,9 @@ def write_tiny_benchmarks(root: str | Path, images: int = 3, seed: int = 0) -> d
 
     def put(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path, palette: bool) -> None:
         save_atomic(Image.fromarray(image), image_path)
-        lab = Image.fromarray(label, mode="P" if palette else "L")
+        lab = Image.fromarray(label)
         if palette:
+            lab = Image.frombytes("P", lab.size, lab.tobytes())
             lab.putpalette(VOC_PALETTE.flatten().tolist())
         save_atomic(lab, label_path)
 

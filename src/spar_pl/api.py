@@ -1,0 +1,590 @@
+"""Inference on your own images: :func:`load` returns a :class:`SPAR` with ``.features`` and ``.segment``.
+
+This module also holds the work behind ``spar-cli segment`` and ``spar-cli features`` (collecting image
+files, output names that never collide, a run that continues past bad files), so the CLI stays thin.
+
+Input images of any kind become one float RGB tensor ``(3, H, W)`` in ``[0, 1]`` (:func:`read_image`):
+
+* files (any format PIL reads; EXIF orientation applied), PIL images, numpy arrays ``HxW``, ``HxWx1``,
+  ``HxWx3``, ``HxWx4`` (uint8, uint16, bool, or floats in ``[0, 1]``), torch tensors ``(3, H, W)`` or
+  ``(1, 3, H, W)`` (also 1 or 4 channels; floats in ``[0, 1]`` or uint8);
+* grayscale is repeated over the three channels; 16-bit data (``I;16`` PNGs, uint16 arrays) is scaled from
+  ``[0, 65535]`` to ``[0, 1]``, 32-bit integer images (mode ``I``) are clipped to that range first;
+  transparency (RGBA, LA, palette images with a transparent colour) is composited over white
+  (:data:`ALPHA_BACKGROUND`), as an image viewer shows it;
+* ``max_side`` downscales the image (keeping its aspect ratio, bicubic with antialiasing) before the
+  model; masks, probabilities and upsampled features still come out at the original size;
+* an image whose model input exceeds :data:`MAX_SIDE` pixels on a side or :data:`MAX_PIXELS` pixels in
+  all is refused with a message suggesting ``max_side``, rather than tiled: tiles would change what the
+  single-pass model sees, and a ViT over that many patches is impractical anyway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.fileio import save_safetensors
+from spar_pl.openvocab import BENCHMARK_CLASSES, OpenVocabHead, parse_classes
+from spar_pl.render import label_image, overlay, save_atomic
+from spar_pl.sliding import SlidingWindowTeacher
+
+__all__ = [
+    "SPAR",
+    "ImageInputError",
+    "Segmentation",
+    "collect_images",
+    "load",
+    "output_stems",
+    "read_image",
+    "run_images",
+    "split_class_names",
+]
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+#: Largest model-input side and pixel count accepted in one pass (after ``max_side``).
+MAX_SIDE = 16384
+MAX_PIXELS = 100_000_000
+#: Colour that transparent pixels are composited over.
+ALPHA_BACKGROUND = (1.0, 1.0, 1.0)
+#: File suffixes taken from a directory (case-insensitive); files named explicitly are always tried.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+MODES = ("single", "sliding")
+#: ``format`` metadata of the features files written by :meth:`SPAR.write_features`.
+FEATURES_FORMAT = "spar-pl/features/v1"
+
+
+class ImageInputError(ValueError):
+    """An image the API cannot use (unreadable, unsupported layout or dtype, too large); the message names it."""
+
+
+# -- images --------------------------------------------------------------------------------------------
+
+
+def describe(image: object) -> str:
+    """A short name for an image input, used in every error message about it."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, Image.Image):
+        source = getattr(image, "filename", "") or "PIL image"
+        return f"{source} ({image.mode} {image.width}x{image.height})"
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        kind = "numpy array" if isinstance(image, np.ndarray) else "tensor"
+        return f"{kind} of shape {tuple(image.shape)} and dtype {image.dtype}"
+    return type(image).__name__
+
+
+def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled down, keeping the aspect ratio, so that the long side is at most ``max_side``."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    if max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def check_size(width: int, height: int, max_side: int | None, name: str) -> None:
+    """Refuse an image whose model input (after ``max_side``) is larger than :data:`MAX_SIDE` / :data:`MAX_PIXELS`."""
+    if width < 1 or height < 1:
+        raise ImageInputError(f"{name}: the image is empty ({width}x{height})")
+    w, h = fit_size(width, height, max_side)
+    if max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
+        raise ImageInputError(
+            f"{name}: {w}x{h} pixels ({w * h / 1e6:.1f} MP) is above the single-pass limit of {MAX_SIDE} px a side "
+            f"and {MAX_PIXELS / 1e6:.0f} MP; downscale it with --max-side N (max_side=N in Python), e.g. 4096"
+        )
+
+
+def read_image(image: ImageInput, max_side: int | None = None) -> torch.Tensor:
+    """Any supported image input as a float RGB tensor ``(3, H, W)`` in ``[0, 1]`` at its original size.
+
+    ``max_side`` only enters the size check (:func:`check_size`), made before a file is decoded.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ImageInputError: an unreadable file or an unsupported layout, dtype or value range, naming the input.
+        TypeError: an object that is no image input.
+    """
+    name = describe(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(Path(image), max_side)
+    if isinstance(image, Image.Image):
+        check_size(image.width, image.height, max_side, name)
+        return _from_pil(image, name, max_side)
+    if isinstance(image, torch.Tensor):
+        image = _tensor_to_array(image, name)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, name, max_side)
+    raise TypeError(f"unsupported image input {name}; pass a path, a PIL image, a numpy array or a torch tensor")
+
+
+def _read_file(path: Path, max_side: int | None) -> torch.Tensor:
+    if path.is_dir():
+        raise ImageInputError(f"{path} is a directory, not an image")
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():  # our own size limit applies; PIL's bomb warning would only add noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                check_size(img.width, img.height, max_side, str(path))
+                img.load()  # decode now, so that a truncated file fails here, naming the file
+                img = ImageOps.exif_transpose(img)
+    except ImageInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageInputError(f"cannot read image {path}: {err}") from err
+    return _from_pil(img, str(path), max_side)
+
+
+def _from_pil(img: Image.Image, name: str, max_side: int | None) -> torch.Tensor:
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        return _from_array(np.asarray(img).clip(0, 65535).astype(np.uint16), name, max_side)
+    if mode == "F":
+        return _from_array(np.asarray(img, dtype=np.float32), name, max_side)
+    if (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _from_array(np.asarray(img.convert("RGBA")), name, max_side)
+    try:
+        rgb = img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ImageInputError(f"{name}: cannot convert PIL mode {mode} to RGB: {err}") from err
+    return _from_array(np.asarray(rgb), name, max_side)
+
+
+def _tensor_to_array(image: torch.Tensor, name: str) -> np.ndarray:
+    t = image.detach().cpu()
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise ImageInputError(f"{name}: a batch of {t.shape[0]} images; pass one image at a time")
+        t = t[0]
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+        t = t.permute(1, 2, 0)
+    elif t.ndim != 2:
+        raise ImageInputError(f"{name}: expected a tensor (3, H, W) or (1, 3, H, W)")
+    return (t.float() if t.is_floating_point() else t).contiguous().numpy()
+
+
+def _from_array(array: np.ndarray, name: str, max_side: int | None = None) -> torch.Tensor:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or array.ndim == 3 and array.shape[2] in (3, 4)):
+        hint = " (channels first? transpose it to H x W x C)" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
+        raise ImageInputError(f"{name}: expected an image array H x W, H x W x 3 or H x W x 4{hint}")
+    check_size(array.shape[1], array.shape[0], max_side, name)
+    if array.dtype == np.uint8:
+        x = torch.from_numpy(array.astype(np.float32)) / 255.0
+    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order
+        x = torch.from_numpy(array.astype(np.float32)) / 65535.0
+    elif array.dtype == np.bool_:
+        x = torch.from_numpy(array.astype(np.float32))
+    elif np.issubdtype(array.dtype, np.floating):
+        x = torch.from_numpy(array.astype(np.float32))
+        low, high = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+        if not (0.0 <= low and high <= 1.0):  # also false for NaN
+            raise ImageInputError(f"{name}: float images must hold values in [0, 1], got [{low:g}, {high:g}]")
+    else:
+        raise ImageInputError(f"{name}: unsupported dtype {array.dtype}; use uint8, uint16 or floats in [0, 1]")
+    if x.ndim == 2:
+        x = x[..., None].expand(-1, -1, 3)
+    elif x.shape[2] == 4:
+        alpha = x[..., 3:]
+        x = x[..., :3] * alpha + x.new_tensor(ALPHA_BACKGROUND) * (1 - alpha)
+    return x.permute(2, 0, 1).contiguous()
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """A float RGB tensor ``(3, H, W)`` in ``[0, 1]`` as an 8-bit PIL image."""
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+# -- classes ---------------------------------------------------------------------------------------------
+
+
+def split_class_names(text: str) -> list[str]:
+    """The comma-separated class list of ``--classes "road, car, sky"``: one class per name.
+
+    Raises:
+        ValueError: the list is empty or one of its items is.
+    """
+    names = [name.strip() for name in text.split(",")]
+    if not any(names):
+        raise ValueError('--classes is empty: give class names separated by commas, e.g. --classes "road, car, sky"')
+    for k, name in enumerate(names):
+        if not name:
+            raise ValueError(f"--classes {text!r}: item {k + 1} is empty (two commas in a row or a trailing comma?)")
+    return names
+
+
+def resolve_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
+    """Classes as lists of synonyms, validated (see :func:`~spar_pl.openvocab.parse_classes`).
+
+    Names that differ only in case or surrounding spaces count as duplicates.
+
+    Raises:
+        ValueError: no classes, an empty name, a duplicate name, or a string that is neither a class file nor
+            a benchmark name.
+        FileNotFoundError: a class file that does not exist.
+    """
+    if isinstance(classes, str) and "," in classes and not Path(classes).is_file():
+        raise ValueError(
+            f"classes {classes!r} is a string but not a class file; pass a list of class names, e.g. "
+            f"['road', 'car', 'sky'], a class-file path or a benchmark name ({', '.join(BENCHMARK_CLASSES)})"
+        )
+    parsed = parse_classes(classes)
+    seen: dict[str, tuple[int, str]] = {}
+    for k, synonyms in enumerate(parsed):
+        for name in synonyms:
+            key = name.casefold()
+            if key in seen and seen[key][0] != k:
+                raise ValueError(
+                    f"duplicate class name: {seen[key][1]!r} (class {seen[key][0]}) and {name!r} (class {k})"
+                )
+            seen[key] = (k, name)
+    return parsed
+
+
+# -- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segmentation:
+    """An open-vocabulary segmentation of one image, at the image's original size.
+
+    Attributes:
+        mask: ``(H, W)`` int64 class indices into :attr:`classes`.
+        classes: a display name per class (the first synonym).
+        synonyms: every class's names, as given.
+        image: the RGB input image (what :meth:`overlay` draws on).
+        probs: ``(K, H, W)`` float32 per-class scores (max over synonyms), when asked for.
+    """
+
+    mask: np.ndarray
+    classes: list[str]
+    synonyms: list[list[str]]
+    image: Image.Image
+    probs: torch.Tensor | None = None
+
+    def present(self) -> list[str]:
+        """Names of the classes in the mask, largest area first."""
+        values, counts = np.unique(self.mask, return_counts=True)
+        return [self.classes[k] for k in values[np.argsort(-counts, kind="stable")]]
+
+    def overlay(self, alpha: float = 0.55) -> Image.Image:
+        """The image with the colour-coded mask blended over it and a legend of the classes present."""
+        return overlay(self.image, self.mask, self.classes, alpha=alpha)
+
+    def labels(self) -> Image.Image:
+        """The mask as a palette PNG image (pixel values are class indices)."""
+        return label_image(self.mask, len(self.classes))
+
+    def save(self, out_dir: str | Path, stem: str, probs: bool = False) -> list[Path]:
+        """Write ``<stem>_overlay.png``, ``<stem>_labels.png`` and, with ``probs``, ``<stem>_probs.safetensors``.
+
+        Every file is written atomically. The probabilities are float16 ``(K, H, W)`` under the key ``probs``,
+        with the class names (JSON) in the metadata.
+        """
+        out = Path(out_dir)
+        paths = [
+            save_atomic(self.overlay(), out / f"{stem}_overlay.png"),
+            save_atomic(self.labels(), out / f"{stem}_labels.png"),
+        ]
+        if probs:
+            if self.probs is None:
+                raise ValueError("no probabilities to save: call segment(..., return_probs=True)")
+            meta = {"classes": json.dumps(self.classes), "synonyms": json.dumps(self.synonyms), "layout": "KHW"}
+            paths.append(save_safetensors({"probs": self.probs.half()}, out / f"{stem}_probs.safetensors", meta))
+        return paths
+
+
+# -- the model -------------------------------------------------------------------------------------------
+
+
+def load(
+    backbone: str = "siglip2",
+    checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    model_name: str | None = None,
+    pretrained: str | None = "default",
+    weights: str | Path | None = None,
+) -> SPAR:
+    """Build a SPAR model for inference.
+
+    Args:
+        backbone: ``siglip2`` or ``maskclip``.
+        checkpoint: a SPAR checkpoint (authors' ``.ckpt``, ``spar-cli fit`` checkpoint or ``spar-cli export``
+            safetensors), loaded strictly; ``None`` keeps the pretrained (not distilled) weights.
+        device: ``cuda`` when available, else ``cpu``, by default.
+        model_name: open_clip name or ``hf-hub:`` id; the backbone's default model if ``None``
+            (``spar-tiny-sl2`` / ``spar-tiny-clip`` build tiny random models for tests).
+        pretrained: open_clip pretrained tag (``"default"``: the backbone's own).
+        weights: a local open_clip weights file, for offline use.
+
+    Raises:
+        FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
+        ValueError: the checkpoint is unreadable or does not match the model.
+    """
+    for kind, path in (("checkpoint", checkpoint), ("weights file", weights)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{kind} not found: {path}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = build_encoder(backbone, model_name, pretrained, weights=weights, device=device, checkpoint=checkpoint)
+    return SPAR(encoder, backbone, checkpoint=checkpoint)
+
+
+class SPAR:
+    """A dense encoder ready for inference: features and open-vocabulary segmentation of single images.
+
+    Args:
+        encoder: the :class:`~spar_pl.encoders.DenseEncoder` (put in eval mode).
+        backbone: its backbone name, recorded in written files.
+        checkpoint: the checkpoint it was loaded from, recorded in written files.
+    """
+
+    def __init__(self, encoder: DenseEncoder, backbone: str, checkpoint: str | Path | None = None) -> None:
+        self.encoder = encoder.eval()
+        self.backbone = backbone
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self._head: OpenVocabHead | None = None
+
+    def __repr__(self) -> str:
+        return f"SPAR(backbone={self.backbone!r}, model={self.model_name!r}, device={str(self.device)!r})"
+
+    @property
+    def model_name(self) -> str:
+        return self.encoder.model_name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def _input(self, image: ImageInput, max_side: int | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The original pixels ``(3, H, W)``, the normalised model input ``(1, 3, h, w)`` and the input's name."""
+        pixels = read_image(image, max_side)
+        height, width = pixels.shape[-2:]
+        w, h = fit_size(width, height, max_side)
+        x = pixels[None].to(self.device)
+        if (h, w) != (height, width):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        return pixels, self.encoder.normalize(x), describe(image)
+
+    def _encode(self, x: torch.Tensor, name: str, mode: str, stride: int, crop: int | None) -> torch.Tensor:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "sliding" and stride < 1:
+            raise ValueError(f"the sliding-window stride must be a positive number of pixels, got {stride}")
+        run = self.encoder if mode == "single" else SlidingWindowTeacher(self.encoder, crop=crop, stride=stride)
+        try:
+            with torch.inference_mode():
+                return run(x).float()
+        except ValueError as err:  # e.g. an image smaller than one patch: say which image
+            raise ImageInputError(f"{name}: {err}") from err
+
+    def features(
+        self,
+        image: ImageInput,
+        mode: str = "single",
+        stride: int = 24,
+        crop: int | None = None,
+        upsample: bool = False,
+        max_side: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Dense features ``(1, C, h, w)`` (NCHW) of one image, on the model's device.
+
+        Args:
+            image: a path, PIL image, numpy array or tensor (see the module notes).
+            mode: ``single`` (one pass, SPAR's point) or ``sliding`` (the sliding-window teacher).
+            stride: window stride of the sliding mode.
+            crop: window side of the sliding mode (default: the model's pretraining size).
+            upsample: resize the features bilinearly to the original image size ``(H, W)``, as the segmentation
+                head resizes its logits; otherwise ``h, w`` is the patch grid of the model input.
+            max_side: downscale the image so that its long side is at most this before the model.
+            dtype: dtype of the result; upsampling runs in channel chunks, so a float16 result never needs a
+                full-size float32 copy.
+        """
+        return self._features(image, mode, stride, crop, upsample, max_side, dtype)[0]
+
+    def _features(self, image, mode, stride, crop, upsample, max_side, dtype) -> tuple[torch.Tensor, dict[str, str]]:
+        """:meth:`features` and a description of the run (the metadata of :meth:`write_features`)."""
+        pixels, x, name = self._input(image, max_side)
+        feats = self._encode(x, name, mode, stride, crop)
+        size = tuple(pixels.shape[-2:])
+        if upsample:
+            out = feats.new_empty((1, feats.shape[1], *size), dtype=dtype)
+            for start in range(0, feats.shape[1], 64):
+                part = F.interpolate(feats[:, start : start + 64], size=size, mode="bilinear", align_corners=False)
+                out[:, start : start + 64] = part.to(dtype)
+            feats = out
+        sliding = mode == "sliding"
+        info = {
+            "format": FEATURES_FORMAT,
+            "layout": "NCHW",
+            "backbone": self.backbone,
+            "model": self.model_name,
+            "checkpoint": self.checkpoint or "",
+            "mode": mode,
+            "stride": str(stride) if sliding else "",
+            "crop": str(crop or self.encoder.native_size) if sliding else "",
+            "image_height": str(size[0]),
+            "image_width": str(size[1]),
+            "input_height": str(x.shape[-2]),
+            "input_width": str(x.shape[-1]),
+            "patch_size": str(self.encoder.patch_size),
+            "upsampled": str(bool(upsample)).lower(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "source": name,
+        }
+        return feats.to(dtype), info
+
+    def write_features(
+        self,
+        image: ImageInput,
+        path: str | Path,
+        mode: str = "single",
+        stride: int = 24,
+        crop: int | None = None,
+        upsample: bool = False,
+        max_side: int | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> Path:
+        """Compute :meth:`features` and write them to a safetensors file (atomically).
+
+        The file holds one tensor, ``features`` ``(1, C, h, w)`` in ``dtype``, and string metadata: ``format``,
+        ``layout`` (``NCHW``), ``backbone``, ``model``, ``checkpoint``, ``mode``, ``stride`` and ``crop``
+        (sliding mode only, else empty), ``image_height``/``image_width`` (the original image),
+        ``input_height``/``input_width`` (what the model saw, after ``max_side``), ``patch_size``, ``upsampled``
+        (``true``: ``h, w`` = the image size), ``dtype`` and ``source`` (the input's name).
+        """
+        feats, info = self._features(image, mode, stride, crop, upsample, max_side, dtype)
+        return save_safetensors({"features": feats}, path, info)
+
+    def head(self, classes: str | Path | Sequence[str], logit_scale: float = 40.0, prob_thd: float = 0.0):
+        """The :class:`~spar_pl.openvocab.OpenVocabHead` for these classes; the last one is reused (and its text
+        embeddings with it) while the classes and settings stay the same."""
+        parsed = resolve_classes(classes)
+        head = self._head
+        if head is None or (head.classes, head.logit_scale, head.prob_thd) != (parsed, logit_scale, prob_thd):
+            entries = [", ".join(names) for names in parsed]
+            head = self._head = OpenVocabHead(self.encoder, entries, logit_scale=logit_scale, prob_thd=prob_thd)
+        return head
+
+    def segment(
+        self,
+        image: ImageInput,
+        classes: str | Path | Sequence[str],
+        mode: str = "single",
+        stride: int = 24,
+        crop: int | None = None,
+        logit_scale: float = 40.0,
+        prob_thd: float = 0.0,
+        max_side: int | None = None,
+        return_probs: bool = False,
+    ) -> Segmentation:
+        """Open-vocabulary segmentation of one image (``SPAR.md`` section 4), at the image's original size.
+
+        Args:
+            image: a path, PIL image, numpy array or tensor (see the module notes).
+            classes: class entries (``"name"`` or ``"name, synonym, ..."``), a class-file path or a benchmark
+                name; at least one, no name twice.
+            mode, stride, crop, max_side: as in :meth:`features`.
+            logit_scale: multiplier on cosine similarities before the softmax over synonyms.
+            prob_thd: pixels whose best class score is below this become class 0.
+            return_probs: keep the ``(K, H, W)`` per-class scores on the result (memory: ``4 K H W`` bytes).
+        """
+        head = self.head(classes, logit_scale, prob_thd)  # first: a bad class list fails before any compute
+        pixels, x, name = self._input(image, max_side)
+        feats = self._encode(x, name, mode, stride, crop)
+        with torch.inference_mode():
+            scores = head(feats, tuple(pixels.shape[-2:]))
+            mask = head.mask(scores)[0].cpu().numpy().astype(np.int64)
+        return Segmentation(
+            mask=mask,
+            classes=[names[0] for names in head.classes],
+            synonyms=[list(names) for names in head.classes],
+            image=to_pil(pixels),
+            probs=scores[0].float().cpu() if return_probs else None,
+        )
+
+
+# -- batches of files (spar-cli segment / features) --------------------------------------------------------
+
+
+def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files to process, and problems found on the way.
+
+    A directory contributes its image files (:data:`IMAGE_SUFFIXES`, not hidden, not recursive), sorted by
+    name; a directory without any is a problem. Any other input is taken as a file, even if it does not exist
+    (reading it then fails, naming it). The same file named twice is processed once.
+    """
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                problems.append((path, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {path}"))
+            files.extend(found)
+        else:
+            files.append(path)
+    unique: dict[Path, Path] = {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values()), problems
+
+
+def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
+    """A distinct output stem per input: its file stem, or, where several inputs share a stem, one qualified by
+    its folder and then its suffix (``a/img.jpg`` -> ``a_img``; ``a/img.png`` next to it -> ``a_img_png``),
+    then a counter; no input's outputs overwrite another's."""
+    counts = Counter(p.stem for p in paths)
+    taken = {stem for stem, n in counts.items() if n == 1}
+    stems: dict[Path, str] = {}
+    for path in paths:
+        if counts[path.stem] == 1:
+            stems[path] = path.stem
+            continue
+        base = f"{path.resolve().parent.name or 'root'}_{path.stem}"
+        qualified = f"{base}_{path.suffix.lstrip('.').lower()}"
+        candidates = itertools.chain([base, qualified], (f"{qualified}-{n}" for n in itertools.count(2)))
+        stems[path] = next(c for c in candidates if c not in taken)
+        taken.add(stems[path])
+    return stems
+
+
+def run_images(paths: Sequence[Path], work: Callable[[Path], object], desc: str) -> list[tuple[Path, str]]:
+    """Call ``work`` on every path under a tqdm progress bar; a file that fails is reported on stderr and the run
+    goes on. Returns ``(path, message)`` per failure."""
+    from tqdm import tqdm
+
+    failures: list[tuple[Path, str]] = []
+    for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 2, file=sys.stderr):
+        try:
+            work(path)
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: e.g. out of memory on a huge image
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            failures.append((path, message))
+            tqdm.write(f"failed: {message}", file=sys.stderr)
+    return failures
