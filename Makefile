@@ -7,7 +7,7 @@ PYTHON ?= python3
 # pip on this kind of machine prints a warning per package for an unused local index: keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: help install quickstart test test-fast lint format clean
+.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -29,12 +29,26 @@ test-fast: install ## Run the tests not marked slow
 	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: install ## ruff lint and format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 format: install ## Apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: install ## Benchmarks side by side: teacher, student, memory, cache, data path (results/bench.md; <15 min on 2 CPUs)
+	$(PY) benchmarks/bench.py --out results/bench.md
+
+bench-quick: install ## The benchmarks on tiny models at small sizes, a smoke run (results/bench-quick.md)
+	$(PY) benchmarks/bench.py --quick --out results/bench-quick.md
+
+BACKBONE ?= siglip2
+CKPT ?=
+table: install ## The paper's table for BACKBONE (siglip2|maskclip): 18 evaluations [CKPT=spar.ckpt] -> results/BACKBONE.md
+	$(VENV)/bin/spar-cli table --backbone $(BACKBONE) $(if $(CKPT),--ckpt $(CKPT))
+
+table-tiny: install ## The same on tiny generated benchmarks with a tiny model and a tiny distillation (CPU) -> results/tiny.md
+	$(VENV)/bin/spar-cli table --tiny
 
 clean: ## Remove the virtual environment and build leftovers
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

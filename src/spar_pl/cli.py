@@ -2,7 +2,8 @@
 
 ``spar-cli fit|validate|test|predict --config ...`` is a LightningCLI (``spar-cli fit --help``);
 ``spar-cli export CKPT OUT`` writes a distilled student as open_clip safetensors; ``spar-cli tiny-data``
-generates images for the tiny CPU config.
+generates images for the tiny CPU config; ``spar-cli cache`` fills a teacher-feature cache; ``spar-cli table``
+runs the 18 evaluations of the paper's table.
 
 ``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
@@ -370,6 +371,13 @@ def features(argv: Sequence[str] | None = None) -> int:
     return _run_batch(args, work, "features")
 
 
+def table(argv: Sequence[str] | None = None) -> str:
+    """``spar-cli table --backbone B [--ckpt C] [--tiny]``: the paper's table (``evaluate.table_command``)."""
+    from spar_pl.evaluate import table_command
+
+    return table_command(argv)
+
+
 COMMANDS = {
     "quickstart": quickstart,
     "export": export,
@@ -377,6 +385,7 @@ COMMANDS = {
     "cache": cache,
     "segment": segment,
     "features": features,
+    "table": table,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -111,12 +111,12 @@ class SlidingWindowTeacher(nn.Module):
         for chunk in pairs.split(self.window_batch):
             bi, wi = chunk[:, 0], chunk[:, 1]
             crops = images[bi[:, None, None], :, pix_r[wi][:, :, None], pix_c[wi][:, None, :]]  # (n, ch, cw, 3)
-            feats = self.encoder(crops.permute(0, 3, 1, 2))
+            feats = self.encoder(crops.permute(0, 3, 1, 2).contiguous())  # a contiguous batch runs faster
             feats = F.interpolate(feats.float(), size=(ch // f, cw // f), mode="bilinear", align_corners=False)
             if canvas is None:
                 canvas = feats.new_zeros(b * hf * wf, feats.shape[1])
             index = (bi[:, None] * (hf * wf) + cells[wi]).flatten()
-            canvas.index_add_(0, index, feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]))
+            canvas.index_add_(0, index, feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))  # cells x C rows
         canvas = canvas.view(b, hf * wf, -1) / count.clamp(min=1).view(1, -1, 1)
         canvas = canvas.transpose(1, 2).reshape(b, -1, hf, wf)
         return F.interpolate(canvas, size=(height // p, width // p), mode="bilinear", align_corners=False)
