@@ -14,6 +14,7 @@ MANIFEST = {
     "stride": 24,
     "seed": 0,
     "augmentation": "a",
+    "precision": "32-true",
 }
 
 

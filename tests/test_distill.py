@@ -269,3 +269,11 @@ def test_teacher_copies_only_the_vision_tower():
     torch.testing.assert_close(teacher.visual.trunk.pos_embed, student.visual.trunk.pos_embed)
     module.student.model.visual.trunk.pos_embed.data.add_(1.0)
     assert not torch.equal(teacher.visual.trunk.pos_embed, student.visual.trunk.pos_embed)
+
+
+def test_nested_folders_keep_images_apart(images, tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "1.jpg").write_bytes(sorted((images / "train").glob("*.jpg"))[0].read_bytes())
+    ids = sorted(s["id"] for s in StreamingImages(str(tmp_path), 2, shuffle_buffer=0))
+    assert ids == ["a/1.jpg", "b/1.jpg"]

@@ -225,3 +225,12 @@ def test_checkpoint_mismatch_lists_keys(tmp_path, siglip_encoder, clip_encoder):
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.ckpt"):
         load_checkpoint(siglip_encoder, tmp_path / "junk.ckpt")
+
+
+def test_siglip2_specs_skip_parameters_the_bypass_never_uses(siglip_encoder):
+    selected = siglip_encoder.trainable_parameters("all")
+    assert "model.visual.trunk.attn_pool.latent" not in selected
+    assert not any(".attn_pool.q." in n for n in selected)
+    siglip_encoder.set_trainable("all")
+    siglip_encoder(torch.randn(1, 3, 48, 64)).sum().backward()
+    assert all(p.grad is not None for p in selected.values())  # DDP finds no unused trainable parameter

@@ -100,3 +100,7 @@ def test_head_on_real_encoder_features(encoder):
         feats = encoder(torch.randn(2, 3, 64, 96))
         mask = head.predict(feats, (50, 70))
     assert mask.shape == (2, 50, 70) and mask.max() < 19
+
+
+def test_synonyms_split_on_comma_space_as_the_reference():
+    assert parse_classes(["wood ", "person, rider"]) == [["wood "], ["person", "rider"]]

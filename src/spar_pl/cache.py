@@ -2,7 +2,7 @@
 
 Each entry ``<dir>/<image id>.safetensors`` holds ``features`` ``(C, h, w)`` in float16 and, in its
 safetensors metadata, the manifest that produced it (backbone, model, weights identity, crop, stride,
-image id, augmentation seed and preset, shape) plus a SHA-256 of the tensor bytes. ``manifest.json``
+image id, augmentation seed and preset, teacher precision, shape) plus a SHA-256 of the tensor bytes. ``manifest.json``
 in the folder records the configuration. An entry is used only if it reads back, its checksum matches
 and its manifest equals the current one; anything else is recomputed. Writes go to a temporary file
 renamed into place, so an interrupted run leaves no half-written entry and a re-run resumes.
@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from spar_pl.fileio import save_safetensors, write_text
 
-MANIFEST_KEYS = ("backbone", "model_name", "weights", "crop", "stride", "seed", "augmentation")
+MANIFEST_KEYS = ("backbone", "model_name", "weights", "crop", "stride", "seed", "augmentation", "precision")
 
 
 def _digest(tensor: torch.Tensor) -> str:

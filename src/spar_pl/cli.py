@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
+from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder, read_state_dict
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.sliding import SlidingWindowTeacher
@@ -181,7 +181,10 @@ def export(argv: Sequence[str] | None = None) -> Path:
     path = Path(args.checkpoint)
     if not path.is_file():
         raise SystemExit(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    try:
+        state = read_state_dict(path)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     prefix = "student.model."
     weights = {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
     if not weights:
@@ -214,9 +217,10 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     module, datamodule = cli.model, cli.datamodule
     if not getattr(module.hparams, "teacher_cache", None):
         raise SystemExit("set --model.init_args.teacher_cache DIR (or teacher_cache in the config)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    trainer = cli.trainer  # its device and precision: the cache is computed as training would compute it
+    device = trainer.strategy.root_device
     module.to(device)
-    store = module.open_cache(datamodule)
+    store = module.open_cache(datamodule, trainer.precision)
     dataset = datamodule.training_stream()
     dataset.set_epoch(0)
     p = module.student.patch_size
@@ -228,7 +232,7 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
         if store.load(sample["id"], shape) is not None:
             kept += 1
         else:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            with trainer.precision_plugin.forward_context():  # the same autocast as the in-step teacher
                 feats = module.teacher_features(module.student.normalize(image))[0]
             store.save(sample["id"], feats)
             written += 1

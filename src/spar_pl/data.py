@@ -23,7 +23,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from datasets import Features, IterableDataset, load_dataset
+from datasets import Features, IterableDataset, Value, load_dataset
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
@@ -110,8 +110,9 @@ def open_source(source: str, split: str = "train"):
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {path}")
         # One shard per file, so DDP ranks and loader workers split the folder by files.
-        features = Features({"image": ImageFeature(decode=False)})
-        ds = IterableDataset.from_generator(_folder_records, features=features, gen_kwargs={"files": files})
+        features = Features({"image": ImageFeature(decode=False), "__key__": Value("string")})
+        kwargs = {"files": files, "root": str(path)}
+        ds = IterableDataset.from_generator(_folder_records, features=features, gen_kwargs=kwargs)
     elif source.endswith(".parquet"):
         ds = load_dataset("parquet", data_files={split: source}, split=split, streaming=True)
     elif source.endswith(".tar"):
@@ -135,9 +136,9 @@ def open_source(source: str, split: str = "train"):
     return ds, column
 
 
-def _folder_records(files: list[str]) -> Iterator[dict]:
-    for path in files:
-        yield {"image": {"path": path, "bytes": None}}
+def _folder_records(files: list[str], root: str) -> Iterator[dict]:
+    for path in files:  # the key (image id) is the path under the folder: a/1.jpg and b/1.jpg stay apart
+        yield {"image": {"path": path, "bytes": None}, "__key__": str(Path(path).relative_to(root))}
 
 
 def count_images(source: str) -> int | None:
@@ -159,7 +160,7 @@ def decode(record, column: str) -> tuple[str, np.ndarray]:
         image = Image.open(path)
     else:
         image = Image.open(io.BytesIO(data))
-    name = Path(path).name if path else record.get("__key__") or hashlib.sha1(image.tobytes()).hexdigest()[:16]
+    name = record.get("__key__") or (Path(path).name if path else hashlib.sha1(image.tobytes()).hexdigest()[:16])
     image.load()
     return str(name), np.asarray(image.convert("RGB"))
 
@@ -329,7 +330,7 @@ class DistillDataModule(L.LightningDataModule):
             )
         # training: the same number on every rank (DDP steps in lockstep); validation: this rank's exact share
         per_rank = count // world if train else count // world + (1 if rank < count % world else 0)
-        if per_rank == 0 and train:
+        if count < world:  # a rank without images would leave the others waiting in collective calls
             raise ValueError(f"{source}: {count} images cannot feed {world} ranks")
         hp = self.hparams
         return StreamingImages(

@@ -87,7 +87,7 @@ class DistillModule(L.LightningModule):
         """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
         return self._teacher(images).float()
 
-    def open_cache(self, datamodule) -> TeacherCache:
+    def open_cache(self, datamodule, precision: str) -> TeacherCache:
         """The teacher cache for this model and the data module's augmentation (checks compatibility)."""
         hp, data = self.hparams, datamodule.hparams
         if data.mode != "fixed" or data.batch_size != 1:
@@ -103,12 +103,13 @@ class DistillModule(L.LightningModule):
             "stride": self._teacher.stride,
             "seed": data.seed,
             "augmentation": repr(datamodule.augmentation),
+            "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
         }
         return TeacherCache(hp.teacher_cache, manifest)
 
     def setup(self, stage: str) -> None:
         if self.hparams.teacher_cache and stage == "fit":
-            self.cache = self.open_cache(self.trainer.datamodule)
+            self.cache = self.open_cache(self.trainer.datamodule, self.trainer.precision)
 
     def targets(self, images: torch.Tensor, ids: list[str] | None = None, train: bool = False) -> torch.Tensor:
         """Teacher targets for normalised images: from the cache when training with one, else computed."""
@@ -134,7 +135,9 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.feature_loss(batch["image"], batch.get("id"), train=True)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        # synchronised, so that "lowest train/loss_epoch" is the global mean on every rank (one checkpoint choice)
+        size = len(batch["image"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

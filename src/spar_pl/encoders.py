@@ -186,7 +186,12 @@ class DenseEncoder(nn.Module):
                     f"trainable spec {spec!r}: unknown item {token!r}; use all, none, blk_<i>, {', '.join(groups)}"
                 )
             chosen.update((id(p), p) for p in params)
-        return {names[i]: p for i, p in chosen.items()}
+        unused = {id(p) for p in self.unused_parameters()}
+        return {names[i]: p for i, p in chosen.items() if i not in unused}
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Vision-tower parameters the dense path never uses: never trainable (DDP would wait for their grads)."""
+        return []
 
     def set_trainable(self, spec: str) -> list[str]:
         """Freeze the whole model, then unfreeze the parameters the spec selects; returns their names."""
@@ -308,6 +313,10 @@ class SigLIP2Encoder(DenseEncoder):
             "patchembed": list(t.patch_embed.parameters()),
             "head": [*t.norm.parameters(), *t.attn_pool.parameters(), *self.model.visual.head.parameters()],
         }
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        pool = self.model.visual.trunk.attn_pool  # the bypass skips the latent query and its projection
+        return [pool.latent, *pool.q.parameters(), *pool.q_norm.parameters(), *pool.k_norm.parameters()]
 
     def positional_embedding(self, h: int, w: int) -> torch.Tensor:
         """Positional embedding ``(1, h * w, D)``, always bicubic-resized to ``size=(h, w)``."""

@@ -131,8 +131,8 @@ class SegEvalModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         reduce = self.trainer.strategy.reduce
         seconds = float(reduce(self.seconds.clone(), reduce_op="sum"))
-        images = int(reduce(self.images.clone().float(), reduce_op="sum"))
-        pixels = int(reduce(self.pixels.clone().float(), reduce_op="sum"))
+        images = int(reduce(self.images.clone(), reduce_op="sum"))
+        pixels = int(reduce(self.pixels.clone(), reduce_op="sum"))
         miou = float(self.miou.compute())
         per_class = self.iou.compute().tolist()
         names = [synonyms[0] for synonyms in self.head.classes]

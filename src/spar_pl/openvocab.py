@@ -51,12 +51,13 @@ def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
         classes = path.read_text(encoding="utf-8").splitlines()
         while classes and not classes[-1].strip():
             classes.pop()
-    parsed = [[name.strip() for name in str(entry).split(",")] for entry in classes]
+    # The reference splits on ", " and keeps each name as written (a trailing space reaches the prompt too).
+    parsed = [str(entry).rstrip("\r\n").split(", ") for entry in classes]
     if not parsed:
         raise ValueError(f"{source}: no classes")
     seen: dict[str, int] = {}
     for k, synonyms in enumerate(parsed):
-        if not all(synonyms):
+        if not all(name.strip() for name in synonyms):
             raise ValueError(f"{source}: class {k} ({', '.join(synonyms)!r}) has an empty name")
         for name in synonyms:
             if name in seen and seen[name] != k:
