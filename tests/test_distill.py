@@ -277,3 +277,11 @@ def test_nested_folders_keep_images_apart(images, tmp_path):
         (tmp_path / sub / "1.jpg").write_bytes(sorted((images / "train").glob("*.jpg"))[0].read_bytes())
     ids = sorted(s["id"] for s in StreamingImages(str(tmp_path), 2, shuffle_buffer=0))
     assert ids == ["a/1.jpg", "b/1.jpg"]
+
+
+def test_predict_gives_student_features(images):
+    from spar_pl.data import DistillDataModule
+
+    data = DistillDataModule(str(images / "train"), val_source=str(images / "val"))
+    out = trainer(Path("."), enable_checkpointing=False).predict(tiny_module(), data)
+    assert len(out) == 2 and out[0]["features"].shape[:2] == (1, 64)

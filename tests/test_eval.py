@@ -185,3 +185,10 @@ def test_table_tiny_end_to_end(tmp_path):
     ]
     assert all("-" not in r.split("|")[2:10] for r in rows)
     assert (tmp_path / "tiny.md").is_file() and len(json.loads((tmp_path / "tiny.json").read_text())) == 18
+
+
+def test_predict_returns_masks_at_label_size(bench):
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    out = trainer.predict(tiny_eval(classes="cityscapes"), SegDataModule("cityscapes", str(bench["cityscapes"])))
+    items = [item for batch in out for item in batch]
+    assert len(items) == 3 and all(item["mask"].shape == (64, 128) for item in items)

@@ -352,7 +352,7 @@ class DistillDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit"):
             self.train_set = self.training_stream()
-        if hp.val_source and stage in (None, "fit", "validate"):
+        if hp.val_source and stage in (None, "fit", "validate", "predict"):
             self.val_set = self._dataset(hp.val_source, None, train=False)
 
     def set_epoch(self, epoch: int) -> None:
@@ -377,6 +377,8 @@ class DistillDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         return self._loader(self.val_set, 1)
+
+    predict_dataloader = val_dataloader
 
 
 def write_sample_images(out: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (192, 256)) -> list[Path]:

@@ -145,6 +145,11 @@ class DistillModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
         return loss
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """``spar-cli predict``: the student's dense features of each image, with its id."""
+        with torch.no_grad():
+            return {"id": batch.get("id"), "features": self.student(self.student.normalize(batch["image"])).cpu()}
+
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "set_epoch"):

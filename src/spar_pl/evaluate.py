@@ -122,6 +122,13 @@ class SegEvalModule(L.LightningModule):
             self.miou.update(pred, label)
             self.iou.update(pred, label)
 
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """``spar-cli predict``: the class-index mask of each image at its label size, with its name."""
+        return [
+            {"name": name, "mask": self.predict_mask(image, tuple(label.shape)).cpu()}
+            for name, image, label in zip(batch["name"], batch["image"], batch["label"])
+        ]
+
     def peak_memory_mb(self) -> float:
         """Peak accelerator memory (CUDA) or the process's peak resident memory (CPU), in MiB."""
         if self.device.type == "cuda":
