@@ -9,6 +9,7 @@ def test_quickstart_writes_overlays(tmp_path, capsys):
     numbers = quickstart(["--out", str(tmp_path), "--classes", "sky", "grass, lawn", "house"])
     assert numbers["heldout_mse_after"] < numbers["heldout_mse_before"]
     assert list((tmp_path / "distill").rglob("last.ckpt"))
+    assert "| SPAR |" in numbers["table"] and (tmp_path / "tiny.md").is_file()
     for name in ("overlay_single.png", "overlay_sliding.png", "labels_single.png", "labels_sliding.png"):
         img = Image.open(tmp_path / name)
         assert img.size == (480, 320)
