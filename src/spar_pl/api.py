@@ -233,9 +233,8 @@ def split_class_names(text: str) -> list[str]:
 
 
 def resolve_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
-    """Classes as lists of synonyms, validated (see :func:`~spar_pl.openvocab.parse_classes`).
-
-    Names that differ only in case or surrounding spaces count as duplicates.
+    """Classes as lists of synonyms, validated by :func:`~spar_pl.openvocab.parse_classes` (names differing
+    only in case count as duplicates), refusing a comma-separated string that is not a class file.
 
     Raises:
         ValueError: no classes, an empty name, a duplicate name, or a string that is neither a class file nor
@@ -247,17 +246,7 @@ def resolve_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
             f"classes {classes!r} is a string but not a class file; pass a list of class names, e.g. "
             f"['road', 'car', 'sky'], a class-file path or a benchmark name ({', '.join(BENCHMARK_CLASSES)})"
         )
-    parsed = parse_classes(classes)
-    seen: dict[str, tuple[int, str]] = {}
-    for k, synonyms in enumerate(parsed):
-        for name in synonyms:
-            key = name.casefold()
-            if key in seen and seen[key][0] != k:
-                raise ValueError(
-                    f"duplicate class name: {seen[key][1]!r} (class {seen[key][0]}) and {name!r} (class {k})"
-                )
-            seen[key] = (k, name)
-    return parsed
+    return parse_classes(classes)
 
 
 # -- results ---------------------------------------------------------------------------------------------

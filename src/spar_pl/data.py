@@ -201,6 +201,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.augmentation, self.mode, self.seed = augmentation, mode, seed
         self.shuffle_buffer, self.multiple = shuffle_buffer, multiple
         self.epoch = 0
+        self._opened = None
         self.skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
 
     def __len__(self) -> int:
@@ -214,7 +215,9 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
     def _rank_stream(self, epoch: int):
         """This rank's share of the source, shuffled for the epoch (loader workers then split it by shards)."""
-        ds, column = open_source(self.source)
+        if self._opened is None:  # list the folder / resolve the shards once per process, not every pass
+            self._opened = open_source(self.source)
+        ds, column = self._opened
         if self.shuffle_buffer:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(epoch)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.encoders import build_encoder
@@ -212,7 +213,7 @@ def table_runs(
     backbone_cfg = CONFIGS / "backbones" / f"{backbone}.yaml"
     if not backbone_cfg.is_file():
         raise FileNotFoundError(f"no backbone config {backbone_cfg}")
-    family = "maskclip" if "backbone: maskclip" in backbone_cfg.read_text() else "siglip2"
+    family = yaml.safe_load(backbone_cfg.read_text())["model"]["init_args"]["backbone"]
     runs = []
     for dataset in TABLE_COLUMNS:
         args = ["test", "--config", str(CONFIGS / "eval" / f"{dataset}.yaml"), "--config", str(backbone_cfg)]

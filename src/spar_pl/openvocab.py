@@ -55,14 +55,19 @@ def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
     parsed = [str(entry).rstrip("\r\n").split(", ") for entry in classes]
     if not parsed:
         raise ValueError(f"{source}: no classes")
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # names that differ only in case or surrounding spaces are one name
     for k, synonyms in enumerate(parsed):
         if not all(name.strip() for name in synonyms):
             raise ValueError(f"{source}: class {k} ({', '.join(synonyms)!r}) has an empty name")
         for name in synonyms:
-            if name in seen and seen[name] != k:
-                raise ValueError(f"{source}: name {name!r} appears in classes {seen[name]} and {k}")
-            seen[name] = k
+            key = name.strip().casefold()
+            if key in seen and seen[key][0] != k:
+                first, prev = seen[key]
+                raise ValueError(
+                    f"{source}: duplicate class name: {prev!r} (class {first}) and {name!r} (class {k}); "
+                    f"name {name!r} appears in classes {first} and {k}"
+                )
+            seen[key] = (k, name)
     return parsed
 
 
