@@ -174,7 +174,7 @@ def test_build_errors_name_the_model_and_file(tmp_path):
         build_encoder("maskclip", "spar-tiny-clip", weights=tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="spar-tiny-clip.*bad.safetensors"):
+    with pytest.raises(ValueError, match="bad.safetensors is not a checkpoint"):
         build_encoder("maskclip", "spar-tiny-clip", weights=bad)
     with pytest.raises(RuntimeError, match="no-such-model"):
         build_encoder("maskclip", "no-such-model")
@@ -184,49 +184,6 @@ def test_build_errors_name_the_model_and_file(tmp_path):
         build_encoder("vit")
 
 
-@pytest.mark.parametrize("layout", ["authors_ckpt", "plain", "safetensors", "fit_ckpt"])
-def test_spar_checkpoint_layouts_load_strictly(tmp_path, siglip_encoder, layout):
-    from safetensors.torch import save_file
-
-    state = siglip_encoder.model.state_dict()
-    if layout == "authors_ckpt":  # Lightning file of the reference: segmentor.net. + open_clip keys
-        path = tmp_path / "spar.ckpt"
-        torch.save({"state_dict": {f"segmentor.net.{k}": v for k, v in state.items()}, "epoch": 9}, path)
-    elif layout == "plain":
-        path = tmp_path / "plain.pth"
-        torch.save(state, path)
-    elif layout == "safetensors":
-        path = tmp_path / "student.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    else:
-        path = tmp_path / "fit.ckpt"
-        torch.save({"state_dict": {f"student.model.{k}": v for k, v in state.items()}}, path)
-    torch.manual_seed(99)
-    loaded = build_encoder("siglip2", "spar-tiny-sl2", checkpoint=path)
-    x = torch.randn(1, 3, 48, 80)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), siglip_encoder(x))
-
-
-def test_checkpoint_mismatch_lists_keys(tmp_path, siglip_encoder, clip_encoder):
-    from spar_pl.encoders import load_checkpoint
-
-    state = {f"segmentor.net.{k}": v for k, v in siglip_encoder.model.state_dict().items()}
-    state.pop("segmentor.net.visual.trunk.pos_embed")
-    state["segmentor.net.extra.weight"] = torch.zeros(1)
-    path = tmp_path / "bad.ckpt"
-    torch.save({"state_dict": state}, path)
-    with pytest.raises(ValueError, match=r"bad.ckpt.*missing keys: visual.trunk.pos_embed.*unexpected keys: extra"):
-        load_checkpoint(siglip_encoder, path)
-    with pytest.raises(ValueError, match="does not match"):
-        load_checkpoint(clip_encoder, path)
-    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
-        build_encoder("siglip2", "spar-tiny-sl2", checkpoint=tmp_path / "nothing.ckpt")
-    (tmp_path / "junk.ckpt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.ckpt"):
-        load_checkpoint(siglip_encoder, tmp_path / "junk.ckpt")
-
-
 def test_siglip2_specs_skip_parameters_the_bypass_never_uses(siglip_encoder):
     selected = siglip_encoder.trainable_parameters("all")
     assert "model.visual.trunk.attn_pool.latent" not in selected
@@ -234,3 +191,23 @@ def test_siglip2_specs_skip_parameters_the_bypass_never_uses(siglip_encoder):
     siglip_encoder.set_trainable("all")
     siglip_encoder(torch.randn(1, 3, 48, 64)).sum().backward()
     assert all(p.grad is not None for p in selected.values())  # DDP finds no unused trainable parameter
+
+
+def test_dense_features_need_no_tokenizer(siglip_encoder):
+    """The public contract ``SigLIP2Encoder(model)``: a model whose text tower is not CLIP's builds without one."""
+    model = siglip_encoder.model
+    model.text.vocab_size = 32000  # as a Gemma-tokenised SigLIP2 text tower
+    encoder = SigLIP2Encoder(model)
+    assert encoder.tokenizer is None
+    assert encoder(torch.randn(1, 3, 32, 48)).shape == (1, encoder.embed_dim, 2, 3)
+    with pytest.raises(ValueError, match="no tokenizer.*open_clip.get_tokenizer"):
+        encoder.encode_text(["a cat"])
+    assert encoder.encode_text(torch.zeros(1, 16, dtype=torch.long)).shape == (1, encoder.embed_dim)
+
+
+def test_legacy_maskclip_normalisation():
+    legacy = build_encoder("maskclip-legacy", "spar-tiny-clip")
+    assert legacy.mean == legacy.std == (0.5, 0.5, 0.5) and legacy.backbone == "maskclip-legacy"
+    x = torch.rand(1, 3, 2, 2)
+    torch.testing.assert_close(legacy.normalize(x), x * 2 - 1)
+    assert build_encoder("maskclip", "spar-tiny-clip").mean == (0.48145466, 0.4578275, 0.40821073)

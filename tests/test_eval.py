@@ -123,9 +123,11 @@ def test_sliding_mode_and_checkpoint_rows(bench, tmp_path):
 
     base = tiny_eval(classes="voc20")
     path = tmp_path / "student.ckpt"
-    torch.save({"state_dict": {f"segmentor.net.{k}": v for k, v in base.encoder.model.state_dict().items()}}, path)
+    state = base.encoder.model.state_dict()
+    torch.save({"state_dict": {f"segmentor.net.model.{k}": v for k, v in state.items()}}, path)
     assert tiny_eval(checkpoint=str(path)).row == "SPAR"
     assert tiny_eval(mode="sliding").row == "pretrained, sliding window s=24"
+    assert tiny_eval(mode="sliding-features").row == "pretrained, feature-level sliding window s=24"
     save_file({k: v.contiguous() for k, v in base.encoder.model.state_dict().items()}, str(tmp_path / "s.safetensors"))
     assert tiny_eval(weights=str(tmp_path / "s.safetensors")).row == "SPAR"
     module = tiny_eval(classes="voc20", mode="sliding", results_dir=str(tmp_path), results_name="t")
@@ -138,9 +140,16 @@ def test_sliding_mode_and_checkpoint_rows(bench, tmp_path):
 def test_table_runs_and_rendering(tmp_path):
     runs = table_runs("maskclip", "spar.ckpt")
     assert len(runs) == 18
-    voc21 = [args for d, _, args in runs if d == "voc21"]
-    assert all("--model.init_args.area_thd" in a for a in voc21)  # MaskCLIP's VOC21 thresholds
-    assert not any("--model.init_args.area_thd" in a for d, _, a in runs if d != "voc21")
+    modes = {
+        row: [a[a.index("--model.init_args.mode") + 1] if "--model.init_args.mode" in a else "single"][0]
+        for _, row, a in runs
+    }
+    assert modes == {
+        "pretrained, single pass": "single",
+        "pretrained, sliding window s=24": "sliding",
+        "SPAR": "single",
+    }
+    assert not any("--model.init_args.area_thd" in a for _, _, a in runs)  # the config carries the protocol
     entries = [{"dataset": d, "row": r, "mIoU": 10.0 + i, "seconds_per_image": 0.5} for i, (d, r, _) in enumerate(runs)]
     (tmp_path / "b.json").write_text(json.dumps(entries))
     table = render_table(tmp_path / "b.json", tmp_path / "b.md")
@@ -192,3 +201,52 @@ def test_predict_returns_masks_at_label_size(bench):
     out = trainer.predict(tiny_eval(classes="cityscapes"), SegDataModule("cityscapes", str(bench["cityscapes"])))
     items = [item for batch in out for item in batch]
     assert len(items) == 3 and all(item["mask"].shape == (64, 128) for item in items)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "dataset", "expected"),
+    [
+        ("maskclip", "voc21", (65.0, 0.1, 0.1)),
+        ("maskclip-legacy", "voc21", (65.0, 0.1, 0.1)),
+        ("maskclip", "voc20", (40.0, 0.0, None)),
+        ("siglip2", "voc21", (65.0, 0.0, None)),
+    ],
+)
+def test_shipped_configs_give_the_published_protocol(backbone, dataset, expected):
+    """``spar-cli test --config configs/eval/voc21.yaml --config configs/backbones/maskclip.yaml`` (tiny weights)."""
+    from spar_pl.cli import lightning_cli
+
+    tiny = "spar-tiny-clip" if backbone.startswith("maskclip") else "spar-tiny-sl2"
+    argv = ["--config", str(ROOT / "configs" / "eval" / f"{dataset}.yaml")]
+    argv += ["--config", str(ROOT / "configs" / "backbones" / f"{backbone}.yaml")]
+    argv += ["--model.init_args.model_name", tiny, "--model.init_args.pretrained", "null"]
+    cli = lightning_cli(argv, run=False)
+    head = cli.model.head
+    assert (head.logit_scale, head.prob_thd, head.area_thd) == expected
+    assert cli.model.encoder.backbone == backbone
+
+
+def test_logits_level_sliding_evaluation_follows_the_authors(bench):
+    """Sliding mode: per-window logits resized to the window, averaged on a full-resolution canvas (the authors'
+    evaluation); it differs from classifying the teacher's folded features."""
+    logits = tiny_eval(classes="voc20", mode="sliding")
+    features = tiny_eval(classes="voc20", mode="sliding-features")
+    image = torch.rand(3, 80, 112)
+    with torch.no_grad():
+        x = logits.encoder.normalize(image[None])
+        text = logits.head.text_embeddings("cpu")
+        canvas, count = torch.zeros(len(text), 80, 112), torch.zeros(1, 80, 112)
+        from spar_pl.sliding import window_starts
+
+        for top in window_starts(80, 64, 24):
+            for left in window_starts(112, 64, 24):
+                feats = torch.nn.functional.normalize(logits.encoder(x[..., top : top + 64, left : left + 64]), dim=1)
+                win = torch.einsum("bchw,sc->bshw", feats, text)
+                win = torch.nn.functional.interpolate(win, size=(64, 64), mode="bilinear", align_corners=False)
+                canvas[:, top : top + 64, left : left + 64] += win[0]
+                count[:, top : top + 64, left : left + 64] += 1
+        final = torch.nn.functional.interpolate((canvas / count)[None], size=(60, 84), mode="bilinear")
+        expected = logits.head.mask(logits.head.class_scores((final * logits.head.logit_scale).softmax(1)))[0]
+        got = logits.predict_mask(image, (60, 84))
+        assert torch.equal(got, expected)
+        assert not torch.equal(got, features.predict_mask(image, (60, 84)))

@@ -17,8 +17,6 @@ the SPAR reference implementation (``SPAR.md`` section 1):
 from __future__ import annotations
 
 import math
-import pickle
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from spar_pl.weights import load_checkpoint, read_state_dict, sniff_format
 
 __all__ = [
     "BACKBONES",
@@ -46,16 +46,29 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-#: Default open_clip model name and pretrained tag per backbone (``SPAR.md`` section 1).
-BACKBONES: dict[str, dict[str, str | None]] = {
-    "maskclip": {"model_name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"},
-    "siglip2": {"model_name": "hf-hub:timm/ViT-B-16-SigLIP2-512", "pretrained": None},
-    "dinov3txt": {"model_name": "dinov3_vitl16_dinotxt_tet1280d20h24l", "pretrained": None},
+LEGACY_MEAN = (0.5, 0.5, 0.5)
+LEGACY_STD = (0.5, 0.5, 0.5)
+
+#: Per backbone: encoder family, default open_clip model name and pretrained tag, normalisation (``SPAR.md``
+#: section 1). ``maskclip-legacy`` is MaskCLIP with the reference segmentor's default normalisation (mean = std =
+#: 0.5), which the authors' "SPAR MaskCLIP (Legacy)" weights, the paper's MaskCLIP numbers, were trained with;
+#: the newer "SPAR MaskCLIP" release uses CLIP's statistics (``maskclip``).
+BACKBONES: dict[str, dict] = {
+    "maskclip": {"family": "maskclip", "model_name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"},
+    "maskclip-legacy": {
+        "family": "maskclip",
+        "model_name": "ViT-B-16",
+        "pretrained": "laion2b_s34b_b88k",
+        "mean": LEGACY_MEAN,
+        "std": LEGACY_STD,
+    },
+    "siglip2": {"family": "siglip2", "model_name": "hf-hub:timm/ViT-B-16-SigLIP2-512", "pretrained": None},
+    "dinov3txt": {"family": "dinov3txt", "model_name": "dinov3_vitl16_dinotxt_tet1280d20h24l", "pretrained": None},
 }
 
 #: Tiny randomly initialised models for tests, the quickstart and CPU smoke runs.
 # (``sl2``, not ``siglip2``: open_clip picks the Gemma tokenizer, a download, for names containing "siglip").
-TINY_MODELS = {"maskclip": "spar-tiny-clip", "siglip2": "spar-tiny-sl2"}
+TINY_MODELS = {"maskclip": "spar-tiny-clip", "maskclip-legacy": "spar-tiny-clip", "siglip2": "spar-tiny-sl2"}
 
 
 @register_model
@@ -81,13 +94,15 @@ class DenseEncoder(nn.Module):
     Args:
         model: a built open_clip model (``CLIP`` or ``CustomTextCLIP``); kept as ``self.model``, so
             state-dict keys are the open_clip keys prefixed by ``model.``.
-        tokenizer: the model's tokenizer; ``None`` uses open_clip's CLIP BPE tokenizer when the
-            text tower has the CLIP vocabulary, and raises otherwise.
+        tokenizer: the model's tokenizer, needed only to encode text; ``None`` uses open_clip's CLIP BPE
+            tokenizer when the text tower has the CLIP vocabulary, else leaves none (dense features need
+            none; :meth:`encode_text` then says what to pass).
         mean: per-channel normalisation mean; ``None`` takes the backbone's (``SPAR.md`` section 1).
         std: per-channel normalisation std; ``None`` takes the backbone's.
     """
 
     model_name: str = "custom"  # set by build_encoder; a wrapped model is "custom"
+    backbone: str | None = None  # set by build_encoder (BACKBONES key); names the family in error messages
     default_mean: tuple[float, float, float] = CLIP_MEAN
     default_std: tuple[float, float, float] = CLIP_STD
 
@@ -103,6 +118,7 @@ class DenseEncoder(nn.Module):
         self.mean = tuple(mean or self.default_mean)
         self.std = tuple(std or self.default_std)
         self.tokenizer = tokenizer if tokenizer is not None else self._default_tokenizer()
+        self.tokenizer_error: str | None = None  # why build_encoder could not load the tokenizer, if it could not
 
     # -- geometry -------------------------------------------------------------------------------
     patch_size: int = 16
@@ -128,17 +144,28 @@ class DenseEncoder(nn.Module):
         vocab = getattr(text, "vocab_size", None)
         if vocab == 49408:
             return open_clip.SimpleTokenizer(context_length=int(self.model.context_length))
-        raise ValueError(
-            f"{type(self).__name__}: the text tower has vocabulary size {vocab}, not CLIP's 49408; pass the "
-            "model's tokenizer (open_clip.get_tokenizer(model_name))"
-        )
+        return None
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Text embeddings ``(N, C)`` for strings or already tokenized ids."""
+        """Text embeddings ``(N, C)`` for strings or already tokenized ids.
+
+        Raises:
+            ValueError: strings were given and the encoder has no tokenizer.
+        """
         if not isinstance(texts, torch.Tensor):
+            if self.tokenizer is None:
+                reason = f" ({self.tokenizer_error})" if self.tokenizer_error else ""
+                raise ValueError(
+                    f"{type(self).__name__} of {self.model_name!r} has no tokenizer{reason}: text needs one; pass "
+                    "tokenizer=open_clip.get_tokenizer(model_name) when wrapping a model (dense features need none)"
+                )
             texts = self.tokenizer(list(texts))
         device = next(self.model.parameters()).device
         return self.model.encode_text(texts.to(device), normalize=normalize)
+
+    def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a checkpoint's model keys (layout prefix removed) to ``self.model``'s; open_clip models: as they are."""
+        return state
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in ``[0, 1]`` to the model's normalised input space."""
@@ -359,7 +386,8 @@ def build_encoder(
     """Build a dense encoder the way users name models.
 
     Args:
-        backbone: ``maskclip``, ``siglip2`` or ``dinov3txt`` (not available yet).
+        backbone: a :data:`BACKBONES` key: ``maskclip``, ``maskclip-legacy`` (mean = std = 0.5, for the
+            authors' legacy MaskCLIP weights), ``siglip2`` or ``dinov3txt`` (not available yet).
         model_name: open_clip model name or ``hf-hub:org/repo`` id; defaults to the backbone's model
             (``SPAR.md`` section 1). ``spar-tiny-clip`` / ``spar-tiny-sl2`` build tiny random models.
         pretrained: open_clip pretrained tag; ``"default"`` takes the backbone's tag for its default
@@ -367,17 +395,19 @@ def build_encoder(
         weights: a local open_clip weights file (``.safetensors``, ``.pt``, ``.bin``), for offline use;
             overrides ``pretrained``.
         device: where to put the model.
-        checkpoint: a SPAR checkpoint loaded strictly over the whole model (:func:`load_checkpoint`): the
-            authors' Lightning ``.ckpt`` (``segmentor.net.`` keys), a ``spar-cli fit`` checkpoint, a
-            ``spar-cli export`` file or a plain state dict. The pretrained weights are then not fetched.
+        checkpoint: a SPAR checkpoint loaded strictly over the whole model
+            (:func:`spar_pl.weights.load_checkpoint`, never unpickling code): the authors' Lightning ``.ckpt``
+            (``segmentor.net.model.`` + open_clip keys), a ``spar-cli fit`` checkpoint, a ``spar-cli export``
+            file or a plain state dict. The pretrained weights are then not fetched.
     """
     if backbone == "dinov3txt":
         raise NotImplementedError(
             "backbone 'dinov3txt' is not available yet: it needs a local facebookresearch/dinov3 checkout and "
             "its dino.txt weight files; use 'maskclip' or 'siglip2'"
         )
-    if backbone not in ENCODERS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(ENCODERS)}")
+    if backbone not in BACKBONES or BACKBONES[backbone]["family"] not in ENCODERS:
+        choices = ", ".join(k for k, v in BACKBONES.items() if v["family"] in ENCODERS)
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {choices}")
     defaults = BACKBONES[backbone]
     name = model_name or defaults["model_name"]
     if pretrained == "default":
@@ -388,6 +418,8 @@ def build_encoder(
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"weights file for model {name!r} not found: {path}")
     weights = Path(weights) if weights is not None else None
+    if weights is not None and weights.suffix not in (".npz", ".npy"):
+        sniff_format(weights)  # "not a checkpoint" for an image or random bytes; open_clip reads weights_only=True
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
     fetch = weights is None and checkpoint is None
     try:
@@ -399,67 +431,14 @@ def build_encoder(
     except Exception as err:
         raise RuntimeError(f"could not build open_clip model {name!r} with {source}: {err}") from err
     try:
-        tokenizer = open_clip.get_tokenizer(name)
-    except Exception as err:
-        raise RuntimeError(f"could not load the tokenizer of {name!r}: {err}") from err
-    encoder = ENCODERS[backbone](model.eval(), tokenizer=tokenizer)
-    encoder.model_name = name
+        tokenizer, tokenizer_error = open_clip.get_tokenizer(name), None
+    except Exception as err:  # e.g. a hub tokenizer offline: dense features need none, text says why it failed
+        tokenizer, tokenizer_error = None, f"could not load the tokenizer of {name!r}: {err}"
+    encoder = ENCODERS[defaults["family"]](
+        model.eval(), tokenizer=tokenizer, mean=defaults.get("mean"), std=defaults.get("std")
+    )
+    encoder.tokenizer_error = tokenizer_error if encoder.tokenizer is None else None
+    encoder.model_name, encoder.backbone = name, backbone
     if checkpoint is not None:
         load_checkpoint(encoder, checkpoint)
     return encoder
-
-
-#: Key prefixes put in front of the open_clip model's keys by known checkpoint layouts.
-CHECKPOINT_PREFIXES = ("segmentor.net.", "student.model.", "model.", "module.")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file: safetensors, or a torch/Lightning file (its ``state_dict`` if present)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Lightning checkpoints may pickle hyper-parameter objects; the user chose to load this file.
-            warnings.warn(f"{path}: holds pickled objects beyond tensors; loading it as a trusted file", stacklevel=2)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch.load raises many kinds (struct.error, EOFError, ...) on damaged files
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} holds no state dict of tensors")
-    return state
-
-
-def load_checkpoint(encoder: DenseEncoder, path: str | Path) -> None:
-    """Load a SPAR checkpoint strictly into ``encoder.model``.
-
-    The first known prefix (:data:`CHECKPOINT_PREFIXES`) that every key carries is removed; keys of a
-    Lightning checkpoint that belong to other modules than the model (e.g. a teacher) are not expected.
-
-    Raises:
-        ValueError: naming the file and listing missing and unexpected keys when they do not match.
-    """
-    state = read_state_dict(path)
-    expected = set(encoder.model.state_dict())
-    for prefix in CHECKPOINT_PREFIXES:
-        if any(k.startswith(prefix) for k in state) and not expected & set(state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") or "none"
-
-        raise ValueError(
-            f"checkpoint {path} does not match model {encoder.model_name!r}: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}"
-        )
-    encoder.model.load_state_dict(state, strict=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.encoders import build_encoder
@@ -35,27 +35,35 @@ TABLE_COLUMNS = {
     "context59": "C59",
 }
 ROWS = ("pretrained, single pass", "pretrained, sliding window s=24", "SPAR")
+#: Evaluation modes: single pass, the authors' logits-level sliding window, the teacher's feature-level one.
+MODES = ("single", "sliding", "sliding-features")
 
 
 class SegEvalModule(L.LightningModule):
     """Open-vocabulary segmentation evaluation of one encoder on one benchmark.
 
     Args:
-        backbone: ``maskclip`` or ``siglip2``.
+        backbone: ``maskclip``, ``maskclip-legacy`` or ``siglip2``.
         model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's).
         weights: local open_clip weights file (e.g. a ``spar-cli export`` file).
         checkpoint: a SPAR checkpoint (the authors' ``.ckpt``, a ``spar-cli fit`` checkpoint, ...).
-        mode: ``single`` (one pass) or ``sliding`` (the sliding-window teacher).
+        mode: ``single`` (one pass); ``sliding`` (the authors' evaluation baseline: logits-level sliding window,
+            :class:`~spar_pl.sliding.SlidingWindowLogits`); or ``sliding-features`` (the distillation teacher's
+            feature-level sliding window, :class:`~spar_pl.sliding.SlidingWindowTeacher`, then the head).
         crop: sliding-window side (default: the model's pretraining size).
         stride: sliding-window stride.
-        window_batch: windows per encoder call.
+        window_batch: windows per encoder call (the authors' evaluation: 60).
         classes: benchmark class list name or class-file path.
         logit_scale: similarity scale before the softmax.
         prob_thd: pixels whose best score is below this become class 0.
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
+        protocol_overrides: per benchmark (the ``classes`` name), settings of the published protocol that differ
+            for this backbone, e.g. MaskCLIP on VOC21 ``{"voc21": {"prob_thd": 0.1, "area_thd": 0.1}}`` (set in
+            ``configs/backbones/maskclip*.yaml``); they replace ``logit_scale``/``prob_thd``/``area_thd`` for that
+            benchmark, and the run says so. ``{}`` turns them off.
     """
 
     def __init__(
@@ -75,15 +83,29 @@ class SegEvalModule(L.LightningModule):
         area_thd: float | None = None,
         results_dir: str | None = "results",
         results_name: str | None = None,
+        protocol_overrides: dict[str, dict[str, float | None]] | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("single", "sliding"):
-            raise ValueError(f"mode must be 'single' or 'sliding', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if stride < 1:
+            raise ValueError(f"stride must be a positive number of pixels, got {stride}")
         self.save_hyperparameters()
+        override = dict((protocol_overrides or {}).get(str(classes), {}))
+        unknown = set(override) - {"logit_scale", "prob_thd", "area_thd"}
+        if unknown:
+            raise ValueError(f"protocol_overrides[{classes!r}]: unknown settings {', '.join(sorted(unknown))}")
+        if override:
+            settings = ", ".join(f"{k} {v}" for k, v in override.items())
+            rank_zero_only(print)(f"{backbone} protocol for {classes}: {settings} (protocol_overrides)")
+        logit_scale = override.get("logit_scale", logit_scale)
+        prob_thd = override.get("prob_thd", prob_thd)
+        area_thd = override.get("area_thd", area_thd)
+        self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
         self.encoder = build_encoder(
             backbone, model_name, pretrained=pretrained, weights=weights, checkpoint=checkpoint
         ).eval()
-        self.teacher = SlidingWindowTeacher(self.encoder, crop, stride, window_batch) if mode == "sliding" else None
+        self.teacher = SlidingWindowTeacher(self.encoder, crop, stride, window_batch) if mode != "single" else None
         self.head = OpenVocabHead(self.encoder, classes, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd)
         k = self.head.num_classes
         self.miou = MulticlassJaccardIndex(k, average="macro", ignore_index=255, validate_args=False)
@@ -97,14 +119,18 @@ class SegEvalModule(L.LightningModule):
         """The table row this configuration belongs to."""
         hp = self.hparams
         trained = hp.checkpoint or hp.weights
-        if hp.mode == "sliding":
-            return f"{'SPAR' if trained else 'pretrained'}, sliding window s={hp.stride}"
+        if hp.mode != "single":
+            kind = "sliding window" if hp.mode == "sliding" else "feature-level sliding window"
+            return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
         return "SPAR" if trained else "pretrained, single pass"
 
     @torch.no_grad()
     def predict_mask(self, image01: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Class-index mask ``(H0, W0)`` of one test-resized ``[0, 1]`` image, at the label size."""
         x = self.encoder.normalize(image01[None].to(self.device))
+        if self.hparams.mode == "sliding":
+            t = self.teacher
+            return self.head.predict_sliding(self.encoder, x, size, t.crop, t.stride, t.window_batch)[0]
         feats = self.teacher(x) if self.teacher is not None else self.encoder(x)
         return self.head.predict(feats, size)[0]
 
@@ -163,7 +189,8 @@ class SegEvalModule(L.LightningModule):
                 "peak_memory_mb": self.peak_memory_mb(),
                 "devices": self.trainer.world_size,
                 "config": {k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "mode", "stride")}
-                | {"crop": self.teacher.crop if self.teacher is not None else None},
+                | {"crop": self.teacher.crop if self.teacher is not None else None}
+                | self.protocol,
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             append_result(Path(hp.results_dir) / f"{hp.results_name or hp.backbone}.json", entry)
@@ -201,8 +228,6 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
     return text
 
 
-#: Per-backbone exceptions to a benchmark config (``SPAR.md`` section 4: MaskCLIP on VOC21).
-BACKBONE_OVERRIDES = {("maskclip", "voc21"): {"prob_thd": 0.1, "area_thd": 0.1}}
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -213,12 +238,9 @@ def table_runs(
     backbone_cfg = CONFIGS / "backbones" / f"{backbone}.yaml"
     if not backbone_cfg.is_file():
         raise FileNotFoundError(f"no backbone config {backbone_cfg}")
-    family = yaml.safe_load(backbone_cfg.read_text())["model"]["init_args"]["backbone"]
     runs = []
     for dataset in TABLE_COLUMNS:
         args = ["test", "--config", str(CONFIGS / "eval" / f"{dataset}.yaml"), "--config", str(backbone_cfg)]
-        for key, value in BACKBONE_OVERRIDES.get((family, dataset), {}).items():
-            args += [f"--model.init_args.{key}", str(value)]
         if roots is not None:
             args += ["--data.init_args.root", str(roots[dataset])]
         runs.append((dataset, ROWS[0], args))

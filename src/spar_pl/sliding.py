@@ -7,6 +7,13 @@ the average bilinearly resized to the patch grid ``(H//p, W//p)``.
 
 An image smaller than the crop along an axis gets one window spanning that whole axis (the
 reference crashes there): a small image is then encoded in a single pass.
+
+:class:`SlidingWindowLogits` is the sliding window of the authors' *evaluation* with class names: it slides
+at the level of logits, not features (``SPAR.md`` section 4 baseline). Each window's L2-normalised features
+are compared with every synonym's text embedding, the window's logits are resized bilinearly to the window's
+pixel size and summed into a full-resolution canvas with a count map (no sub-patch reduction); the average is
+then resized to the original image size. The released code passes no size to the per-window resize (a crash);
+this implements the evident intent.
 """
 
 from __future__ import annotations
@@ -120,3 +127,82 @@ class SlidingWindowTeacher(nn.Module):
         canvas = canvas.view(b, hf * wf, -1) / count.clamp(min=1).view(1, -1, 1)
         canvas = canvas.transpose(1, 2).reshape(b, -1, hf, wf)
         return F.interpolate(canvas, size=(height // p, width // p), mode="bilinear", align_corners=False)
+
+
+class SlidingWindowLogits:
+    """Logits-level sliding window of the authors' evaluation, served in chunks of synonyms.
+
+    The encoder runs once over all windows; each window's cosine logits are kept at its patch grid
+    (``windows x S x c/p x c/p`` floats, small). Calling the object with a synonym range builds the
+    full-resolution canvas for those synonyms only, so memory is bounded by ``budget_bytes`` whatever the
+    number of classes.
+
+    Args:
+        encoder: maps ``(n, 3, ch, cw)`` normalised crops to ``(n, C, gh, gw)`` features.
+        images: normalised images ``(B, 3, H, W)`` (the test-resized input).
+        text: synonym embeddings ``(S, C)``, L2-normalised.
+        crop: window side; stride: step between windows; window_batch: windows per encoder call.
+        size: the output size ``(H0, W0)`` (the original image); the canvas is resized to it.
+        budget_bytes: bound on the resized-window chunk built at once.
+    """
+
+    def __init__(
+        self,
+        encoder,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        crop: int,
+        stride: int,
+        window_batch: int = 16,
+        size: tuple[int, int] | None = None,
+        budget_bytes: int = 1 << 26,
+    ) -> None:
+        if window_batch < 1:
+            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+        b, _, height, width = images.shape
+        self.batch, self.height, self.width = b, height, width
+        self.size = tuple(size) if size is not None else (height, width)
+        self.window = (min(crop, height), min(crop, width))
+        self.budget_bytes = budget_bytes
+        ch, cw = self.window
+        device = images.device
+        boxes = window_boxes(height, width, crop, stride).to(device)
+        self.num_windows = boxes.shape[0]
+        rows = boxes[:, :1] + torch.arange(ch, device=device)  # (n, ch)
+        cols = boxes[:, 1:] + torch.arange(cw, device=device)  # (n, cw)
+        self.pixels = (rows[:, :, None] * width + cols[:, None, :]).flatten(1)  # (n, ch * cw) canvas offsets
+        count = torch.bincount(self.pixels.flatten(), minlength=height * width)
+        self.count = count.clamp(min=1).to(torch.float32)
+        pairs = torch.cartesian_prod(torch.arange(b, device=device), torch.arange(self.num_windows, device=device))
+        self.pairs = pairs  # (B * n, 2): image, window
+        text = text.to(device=device, dtype=torch.float32)
+        logits = []
+        for chunk in pairs.split(window_batch):
+            bi, wi = chunk[:, 0], chunk[:, 1]
+            crops = images[bi[:, None, None], :, rows[wi][:, :, None], cols[wi][:, None, :]].permute(0, 3, 1, 2)
+            feats = encoder(crops.contiguous())
+            with torch.autocast(feats.device.type, enabled=False):  # similarities in float32 under autocast
+                logits.append(torch.einsum("nchw,sc->nshw", F.normalize(feats.float(), dim=1), text))
+        self.logits = torch.cat(logits)  # (B * n, S, gh, gw)
+
+    def __call__(self, s0: int, s1: int) -> torch.Tensor:
+        """Logits ``(B, s1 - s0, H0, W0)`` of synonyms ``s0:s1``: windows resized to their pixel size, averaged
+        on the full-resolution canvas, resized to the output size."""
+        ch, cw = self.window
+        k = s1 - s0
+        hw = self.height * self.width
+        canvas = self.logits.new_zeros(k, self.batch * hw)
+        step = max(1, self.budget_bytes // max(4 * k * ch * cw, 1))
+        for start in range(0, self.pairs.shape[0], step):
+            part = self.pairs[start : start + step]
+            resized = F.interpolate(
+                self.logits[start : start + step, s0:s1], size=(ch, cw), mode="bilinear", align_corners=False
+            )
+            index = (part[:, :1] * hw + self.pixels[part[:, 1]]).flatten()
+            canvas.index_add_(1, index, resized.permute(1, 0, 2, 3).reshape(k, -1))
+            del resized
+        canvas = (canvas.view(k, self.batch, hw) / self.count).view(k, self.batch, self.height, self.width)
+        canvas = canvas.transpose(0, 1)
+        if self.size == (self.height, self.width):
+            return canvas.contiguous()
+        return F.interpolate(canvas, size=self.size, mode="bilinear", align_corners=False)

@@ -1,0 +1,196 @@
+"""Reading weight files safely and matching their key layouts to a model.
+
+Files users download are untrusted. :func:`read_state_dict` never runs the unrestricted unpickler:
+
+* safetensors files are read as they are (recognised by their header, whatever the suffix);
+* PyTorch files (``torch.save`` zip files, and the legacy format) are read with ``weights_only=True``;
+  when a file also pickles other objects (a Lightning checkpoint's hyper-parameters, a ``Namespace``, a
+  ``pathlib`` path ...), every global it names that PyTorch does not allow is replaced by an inert
+  placeholder class, so the tensors load and nothing from the file is called. Globals from ``os``, ``sys``,
+  ``posix`` and ``nt`` are refused by PyTorch outright: such a file is reported as unsafe, never read;
+* anything else (random bytes, an image) is "not a checkpoint".
+
+:func:`load_checkpoint` then finds the file's layout (:data:`LAYOUTS`): exactly one known prefix carried by
+every key, removed, and the rest loaded strictly. Keys are never dropped by guessing; on a mismatch the
+error says which backbone the file looks like before listing the keys.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LAYOUTS",
+    "CheckpointError",
+    "describe_keys",
+    "load_checkpoint",
+    "read_state_dict",
+    "sniff_format",
+    "strip_layout",
+]
+
+#: Key prefixes of known checkpoint layouts, in front of the model's own (open_clip) keys.
+LAYOUTS: dict[str, str] = {
+    "segmentor.net.model.": "the authors' SPAR Lightning checkpoint",
+    "student.model.": "a spar-cli fit checkpoint",
+    "model.": "a dense encoder's state dict",
+    "": "a plain state dict of the model (a spar-cli export file, open_clip weights)",
+}
+
+#: Key fragments that identify a backbone family, checked in order.
+FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("visual_model.backbone.", "dinov3txt", "a DINOv3.txt model"),
+    ("visual.trunk.", "siglip2", "a SigLIP2 model (timm trunk)"),
+    ("visual.transformer.resblocks.", "maskclip", "an OpenCLIP ViT CLIP model (MaskCLIP)"),
+)
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file"}
+_CONVERT = (
+    'if you trust the file, convert it once with: python -c "import torch, safetensors.torch as st; '
+    "sd = torch.load('FILE', weights_only=False); sd = sd.get('state_dict', sd); "
+    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'FILE.safetensors')\" and pass the .safetensors file"
+)
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used: unreadable, unsafe, not a checkpoint, or not matching the model."""
+
+
+class _Inert:
+    """Stands in for a class or function a checkpoint pickles: takes any arguments and state, does nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+def _placeholders(names: list[str]) -> list[tuple[type, str]]:
+    return [(type(name.rsplit(".", 1)[-1], (_Inert,), {"__module__": "spar_pl.weights.inert"}), name) for name in names]
+
+
+def sniff_format(path: Path) -> str:
+    """``zip`` (torch.save), ``legacy`` (old torch.save pickle), ``safetensors``, or raise "not a checkpoint"."""
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "legacy"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    detail = what or ("an empty file" if not head else f"it starts with {head[:8]!r}")
+    raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch nor a safetensors file ({detail})")
+
+
+def _torch_load(path: Path, kind: str) -> object:
+    """``torch.load(weights_only=True)``, with inert placeholders for the non-tensor globals the file pickles."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = err
+    if kind != "zip":
+        raise CheckpointError(f"{path}: cannot be read safely (old PyTorch format with objects: {first}); {_CONVERT}")
+    try:
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception as err:  # a damaged zip, a TorchScript archive
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    blocked = [n for n in names if n.split(".", 1)[0] in ("os", "sys", "posix", "nt", "subprocess", "builtins")]
+    if blocked:
+        # builtins (exec, eval, getattr ...) and the OS modules have no place in a checkpoint: refuse, don't stub
+        raise CheckpointError(
+            f"{path}: refusing to read it: its pickle references {', '.join(blocked)}, which can run code; "
+            f"a checkpoint of weights never needs that. {_CONVERT}"
+        )
+    try:
+        with torch.serialization.safe_globals(_placeholders(names)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: cannot be read safely ({err}); {_CONVERT}") from err
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file: a safetensors file, or a PyTorch/Lightning file (its ``state_dict`` if present).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a checkpoint, unsafe, damaged, or holding no state dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    kind = sniff_format(path)
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path))
+        else:
+            obj = _torch_load(path, kind)
+    except CheckpointError:
+        raise
+    except Exception as err:  # damaged files raise many kinds (struct.error, EOFError, SafetensorError, ...)
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
+    return dict(state)
+
+
+def describe_keys(keys) -> tuple[str | None, str]:
+    """``(family, description)`` of the backbone a set of keys looks like (``(None, "an unknown model")``)."""
+    for fragment, family, description in FAMILIES:
+        if any(fragment in k for k in keys):
+            return family, f"{description}: it holds {fragment}* keys"
+    return None, "an unknown model"
+
+
+def strip_layout(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove the known layout prefix (:data:`LAYOUTS`) that every key carries; returns ``(state, prefix)``.
+
+    Of the prefixes every key carries, the longest whose removal gives keys of the model wins; if none does,
+    the longest is removed (the strict load then reports the mismatch). A key is never dropped.
+    """
+    carried = [p for p in sorted(LAYOUTS, key=len, reverse=True) if all(k.startswith(p) for k in state)]
+    prefix = next((p for p in carried if {k[len(p) :] for k in state} & expected), carried[0])
+    return {k[len(prefix) :]: v for k, v in state.items()}, prefix
+
+
+def _show(keys: list[str]) -> str:
+    return (", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")) or "none"
+
+
+def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
+    """Load a SPAR checkpoint strictly into ``encoder.model`` (any layout of :data:`LAYOUTS`).
+
+    ``encoder.convert_state_dict`` maps the file's names to the model's (the identity for open_clip models).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable, unsafe, or not matching; a mismatch names the backbone the file looks like.
+    """
+    state = read_state_dict(path)
+    expected = set(encoder.model.state_dict())
+    stripped = encoder.convert_state_dict(strip_layout(state, expected)[0])
+    missing, unexpected = sorted(expected - set(stripped)), sorted(set(stripped) - expected)
+    if missing or unexpected:
+        family, looks = describe_keys(state)
+        backbone = getattr(encoder, "backbone", None)
+        lines = [f"checkpoint {path} does not match model {getattr(encoder, 'model_name', '?')!r}"]
+        if family is not None and backbone is not None and not str(backbone).startswith(family):
+            lines.append(f"it looks like {looks}, while backbone {backbone!r} was given")
+        else:
+            lines.append(f"it looks like {looks}")
+        lines.append(f"missing keys: {_show(missing)}; unexpected keys: {_show(unexpected)}")
+        raise CheckpointError("; ".join(lines))
+    encoder.model.load_state_dict(stripped, strict=True)
