@@ -62,6 +62,8 @@ SECTIONS = (
     "4. Memory",
     "5. Cache",
     "6. Data path",
+    "7. Precision",
+    "8. Head memory",
 )
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random-weight models have no weights
@@ -134,6 +136,12 @@ class Plan:
     data_box: tuple[int, int] | None
     data_min_side: int | None
     students: tuple[tuple[ModelSpec, int], ...]
+    precision_model: ModelSpec | None = None
+    precision_single: tuple[int, int] = (512, 1024)
+    precision_teacher: tuple[int, int] = (256, 512)
+    head_model: ModelSpec | None = None
+    head_sizes: tuple[tuple[int, int], ...] = ((1024, 2048),)
+    head_classes: str = "ade20k"
 
 
 CLIP_B16 = ModelSpec("maskclip", "ViT-B-16", "MaskCLIP ViT-B/16 @224")
@@ -164,6 +172,9 @@ FULL = Plan(
     data_box=None,
     data_min_side=None,
     students=((TINY_SL2, 64), (CLIP_B16, 224)),
+    precision_model=CLIP_B16,
+    head_model=SIGLIP2_B16,
+    head_sizes=((1024, 2048), (2048, 4096)),  # the chunk budget binds at both: the difference is per-pixel state
 )
 
 QUICK = Plan(
@@ -189,6 +200,11 @@ QUICK = Plan(
     data_box=(256, 128),
     data_min_side=64,
     students=((TINY_SL2, 64), (TINY_CLIP, 64)),
+    precision_model=TINY_CLIP,
+    precision_single=(256, 512),
+    precision_teacher=(128, 256),
+    head_model=TINY_SL2,
+    head_sizes=((512, 1024), (1024, 2048)),
 )
 
 
@@ -939,6 +955,104 @@ class Bench:
             }
         )
 
+    # -- 7 ------------------------------------------------------------------------------------------------
+    def precision_section(self) -> None:
+        """Section 7: float32 against bf16 autocast, single pass and sliding-window teacher, time and error."""
+        plan, clock = self.plan, self.clock
+        spec = plan.precision_model
+        encoder = make_encoder(spec, self.device)
+        teacher = SlidingWindowTeacher(encoder, stride=STRIDE, window_batch=plan.window_batch).eval()
+        results = {}
+        for what, run, size in (
+            ("single pass", encoder, plan.precision_single),
+            ("teacher", teacher, plan.precision_teacher),
+        ):
+            image = self.image(*size)
+            outputs = {}
+
+            def call(precision: str, run=run, image=image, outputs=outputs) -> None:
+                ctx = (
+                    contextlib.nullcontext()
+                    if precision == "float32"
+                    else torch.autocast(self.device.type, torch.bfloat16)
+                )
+                with torch.no_grad(), strict_float32(), ctx:
+                    outputs[precision] = run(image).float()
+
+            times = measure(clock, {p: (lambda p=p: call(p)) for p in ("float32", "bf16")}, plan)
+            ref, low = outputs["float32"], outputs["bf16"]
+            error = float((low - ref).norm() / ref.norm())
+            speed = med(times["float32"]) / med(times["bf16"])
+            windows = f", {teacher.num_windows(*size)} windows" if run is teacher else ""
+            self.add(
+                SECTIONS[6],
+                f"{spec.label}, {what}, {size[0]}x{size[1]}{windows}",
+                f"bf16 autocast {fmt_t(times['bf16'])}",
+                f"float32 {fmt_t(times['float32'])}",
+                f"bf16 {speed:.2f}x the float32 speed; relative feature error ||bf16 - fp32|| / ||fp32|| = {error:.1e}",
+            )
+            results[what] = {"speedup": speed, "relative_error": error, "size": list(size)}
+        self.data["precision"] = results
+
+    # -- 8 ------------------------------------------------------------------------------------------------
+    def head_memory_section(self) -> None:
+        """Section 8: peak memory of segmentation at the original size, the chunked head against the whole
+        ``K x H x W`` tensor, each in a fresh process."""
+        plan = self.plan
+        spec = plan.head_model
+        jobs = [
+            {
+                "kind": "head",
+                "backbone": spec.backbone,
+                "name": spec.name,
+                "size": list(size),
+                "chunked": chunked,
+                "classes": plan.head_classes,
+                "device": str(self.device),
+            }
+            for k, size in enumerate(plan.head_sizes)
+            for chunked in ((True, False) if k == 0 else (True,))  # the whole tensor only at the first size
+        ]
+        command = [sys.executable, str(Path(__file__).resolve()), "--memory-child"]
+        results = []
+        for job in jobs:
+            proc = subprocess.run([*command, json.dumps(job)], capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                results.append({**job, "failed": proc.returncode, "peak_bytes": None})
+                continue
+            results.append(json.loads(lines[-1]))
+        budget = 24e9
+        for size in plan.head_sizes[:1]:
+            new, old = (
+                next(r for r in results if r["size"] == list(size) and r["chunked"] is c) for c in (True, False)
+            )
+            k = new.get("classes_count", "?")
+            old_text = fmt_b(old["peak_bytes"]) if old["peak_bytes"] else f"failed (exit {old['failed']})"
+            self.add(
+                SECTIONS[7],
+                f"{spec.label} features, {k} classes ({plan.head_classes}), mask and float16 probabilities at "
+                f"{size[0]}x{size[1]} (probabilities written to a file)",
+                f"chunked head: peak {fmt_b(new['peak_bytes'])} (peak RSS minus RSS before, fresh process)",
+                f"whole K x H x W float32 tensor (the previous head): peak {old_text}",
+                f"{old['peak_bytes'] / new['peak_bytes']:.1f}x less memory" if old["peak_bytes"] else "chunked only",
+            )
+        small, large = (next(r for r in results if r["size"] == list(s) and r["chunked"]) for s in plan.head_sizes[:2])
+        px = [s[0] * s[1] for s in plan.head_sizes[:2]]
+        per_px = (large["peak_bytes"] - small["peak_bytes"]) / (px[1] - px[0])
+        fixed = small["peak_bytes"] - per_px * px[0]
+        if per_px > 0:
+            largest = (budget - fixed - large.get("base_bytes", 0)) / per_px
+            self.add(
+                SECTIONS[7],
+                f"{spec.label}, chunked head, {plan.head_classes}: the largest image in 24 GB",
+                f"{per_px:.0f} bytes per pixel above a fixed {fmt_b(fixed)} (from the two sizes above)",
+                f"24 GB minus the process before the call ({fmt_b(large.get('base_bytes', 0))})",
+                f"about {largest / 1e6:.0f} MP, e.g. {int((largest / 2) ** 0.5)}x{int((largest * 2) ** 0.5)} "
+                "EXTRAPOLATED (linear in pixels; the encoder's own memory at that size is not included)",
+            )
+        self.data["head_memory"] = results
+
     def run(self) -> None:
         """All sections, in order."""
         self.teacher_sections()
@@ -946,6 +1060,8 @@ class Bench:
         self.memory_section()
         self.cache_section()
         self.data_section()
+        self.precision_section()
+        self.head_memory_section()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -961,8 +1077,43 @@ def _status_kb(key: str) -> int:
     return int(match.group(1))
 
 
+def head_memory_child(job: dict) -> dict:
+    """Peak memory of segmenting one image's features at its size (mask and float16 probabilities to a file)."""
+    from spar_pl.fileio import safetensors_writer
+    from spar_pl.openvocab import OpenVocabHead
+
+    device = torch.device(job["device"])
+    encoder = make_encoder(ModelSpec(job["backbone"], job["name"], job["name"]), device)
+    head = OpenVocabHead(encoder, job["classes"])
+    text = F.normalize(torch.randn(len(head.synonyms), encoder.embed_dim), dim=1).to(device)
+    head._text_cache[(device, torch.float32)] = text  # random text: memory does not depend on it
+    height, width = job["size"]
+    p = encoder.patch_size
+    feats = torch.randn(1, encoder.embed_dim, -(-height // p), -(-width // p), device=device)
+    out = Path(tempfile.mkdtemp()) / "probs.safetensors"
+    gc.collect()
+    base = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    with torch.no_grad():
+        if job["chunked"]:
+            shape = (head.num_classes, height, width)
+            with safetensors_writer(out, "probs", shape, torch.float16) as write:
+                head.predict(feats, (height, width), probs_out=lambda k0, k1, s: write(s[0].half()))
+        else:
+            from spar_pl.fileio import save_safetensors
+
+            scores = head(feats, (height, width))
+            head.mask(scores)
+            save_safetensors({"probs": scores[0].half()}, out)
+    peak = (_status_kb("VmHWM") - base) * 1024
+    out.unlink()
+    return {**job, "peak_bytes": peak, "base_bytes": base * 1024, "classes_count": head.num_classes}
+
+
 def memory_child(job: dict) -> dict:
     """Peak memory of one teacher call in this (fresh) process; printed as JSON by ``--memory-child``."""
+    if job.get("kind") == "head":
+        return head_memory_child(job)
     device = torch.device(job["device"])
     spec = ModelSpec(job["backbone"], job["name"], job["name"])
     encoder = make_encoder(spec, device)
@@ -1082,6 +1233,8 @@ def main(argv: list[str] | None = None) -> int:
         ("memory", bench.memory_section),
         ("cache", bench.cache_section),
         ("data path", bench.data_section),
+        ("precision", bench.precision_section),
+        ("head memory", bench.head_memory_section),
     ):
         t0 = time.perf_counter()
         section()

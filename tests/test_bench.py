@@ -25,14 +25,14 @@ def load_bench():
     return module
 
 
-def test_quick_mode_writes_one_table_with_all_six_sections(tmp_path):
+def test_quick_mode_writes_one_table_with_every_section(tmp_path):
     out = tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--device", "cpu", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=540,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = out.read_text()

@@ -43,7 +43,7 @@ def run(argv, capsys):
 def test_segment_directory_continues_past_a_corrupt_file(folder, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, stderr = run(
-        ["segment", str(folder), "--classes", "sky, grass, house", *TINY, "--out", str(out), "--save-probs"], capsys
+        ["segment", str(folder), "--classes", "sky", "grass", "house", *TINY, "--out", str(out), "--save-probs"], capsys
     )
     assert code == 1
     assert "segment: 4 of 5 images done" in stdout
@@ -73,10 +73,11 @@ def test_segment_class_file_sliding_and_max_side(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("classes", "message"),
     [
-        (["--classes", ""], "--classes is empty"),
-        (["--classes", "road, , sky"], "item 2 is empty"),
-        (["--classes", "car, sky, car"], "name 'car' appears in classes 0 and 2"),
-        (["--classes", "Car, car"], "duplicate class name"),
+        (["--classes", ""], "--classes: argument 1 is empty"),
+        (["--classes", "road", "car, , auto"], "a synonym is empty"),
+        (["--classes", "car", "sky", "car"], "name 'car' appears in classes 0 and 2"),
+        (["--classes", "Car", "car"], "duplicate class name"),
+        (["--classes", "road, car, sky"], "'road, car, sky' are synonyms of one class"),
         (["--classes-file", "missing-classes.txt"], "class file not found: missing-classes.txt"),
         ([], "one of the arguments --classes --classes-file is required"),
     ],
@@ -89,8 +90,9 @@ def test_segment_rejects_bad_class_lists(classes, message, tmp_path, capsys):
 def test_missing_checkpoint_and_unknown_model(tmp_path, capsys):
     sample_image(32, 32).save(tmp_path / "a.png")
     missing = tmp_path / "nowhere" / "spar.ckpt"
-    for command in (["segment", "--classes", "sky"], ["features"]):
-        argv = [*command, str(tmp_path / "a.png"), *TINY, "--checkpoint", str(missing), "--out", str(tmp_path / "o")]
+    for command, extra in ((["segment"], ["--classes", "sky", "grass"]), (["features"], [])):
+        argv = [*command, str(tmp_path / "a.png"), *extra, *TINY, "--checkpoint", str(missing)]
+        argv += ["--out", str(tmp_path / "o")]
         with pytest.raises(SystemExit, match=f"checkpoint not found: {missing}"):
             main(argv)
     with pytest.raises(SystemExit, match="dinov3txt"):

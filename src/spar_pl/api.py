@@ -21,6 +21,7 @@ Input images of any kind become one float RGB tensor ``(3, H, W)`` in ``[0, 1]``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from spar_pl.encoders import DenseEncoder, build_encoder
-from spar_pl.fileio import save_safetensors
+from spar_pl.fileio import safetensors_writer, save_safetensors
 from spar_pl.openvocab import BENCHMARK_CLASSES, OpenVocabHead, parse_classes
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.sliding import SlidingWindowTeacher
@@ -51,7 +52,7 @@ __all__ = [
     "output_stems",
     "read_image",
     "run_images",
-    "split_class_names",
+    "class_entries",
 ]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -63,7 +64,10 @@ MAX_PIXELS = 100_000_000
 ALPHA_BACKGROUND = (1.0, 1.0, 1.0)
 #: File suffixes taken from a directory (case-insensitive); files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+#: ``features`` modes: single pass, or the sliding-window teacher's features.
 MODES = ("single", "sliding")
+#: ``segment`` modes: single pass, the authors' logits-level sliding window, or the teacher's features + head.
+SEGMENT_MODES = ("single", "sliding", "sliding-features")
 #: ``format`` metadata of the features files written by :meth:`SPAR.write_features`.
 FEATURES_FORMAT = "spar-pl/features/v1"
 
@@ -217,19 +221,25 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
 # -- classes ---------------------------------------------------------------------------------------------
 
 
-def split_class_names(text: str) -> list[str]:
-    """The comma-separated class list of ``--classes "road, car, sky"``: one class per name.
+def class_entries(arguments: Sequence[str], option: str = "--classes") -> list[str]:
+    """Class entries from command-line arguments: one class per argument, commas inside an argument separate its
+    synonyms (``--classes road car "person, pedestrian" sky``), the same syntax everywhere (``segment``,
+    ``quickstart``, the API's list of entries and, one entry a line, class files).
 
     Raises:
-        ValueError: the list is empty or one of its items is.
+        ValueError: no argument, an empty argument, or an empty synonym, naming it.
     """
-    names = [name.strip() for name in text.split(",")]
-    if not any(names):
-        raise ValueError('--classes is empty: give class names separated by commas, e.g. --classes "road, car, sky"')
-    for k, name in enumerate(names):
-        if not name:
-            raise ValueError(f"--classes {text!r}: item {k + 1} is empty (two commas in a row or a trailing comma?)")
-    return names
+    if not arguments:
+        raise ValueError(f'{option} is empty: give one class per argument, e.g. {option} road car "person, pedestrian"')
+    entries = []
+    for k, argument in enumerate(arguments, 1):
+        names = [name.strip() for name in str(argument).split(",")]
+        if not any(names):
+            raise ValueError(f"{option}: argument {k} is empty")
+        if not all(names):
+            raise ValueError(f"{option} {argument!r}: a synonym is empty (two commas in a row or a trailing comma?)")
+        entries.append(", ".join(names))
+    return entries
 
 
 def resolve_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
@@ -249,6 +259,23 @@ def resolve_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
     return parse_classes(classes)
 
 
+def segmentation_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
+    """:func:`resolve_classes`, and at least two classes: one class segments nothing (every pixel is that class),
+    and a single entry with commas is most often a class list mistaken for synonyms.
+
+    Raises:
+        ValueError: as :func:`resolve_classes`, or a single class (the message says how to give several).
+    """
+    parsed = resolve_classes(classes)
+    if len(parsed) < 2:
+        hint = f": {', '.join(parsed[0])!r} are synonyms of one class" if len(parsed[0]) > 1 else ""
+        raise ValueError(
+            f"segmentation needs at least two classes, got one{hint}; give one entry per class (command line: one "
+            "argument per class, e.g. --classes road car sky; commas inside an entry list its synonyms)"
+        )
+    return parsed
+
+
 # -- results ---------------------------------------------------------------------------------------------
 
 
@@ -261,7 +288,7 @@ class Segmentation:
         classes: a display name per class (the first synonym).
         synonyms: every class's names, as given.
         image: the RGB input image (what :meth:`overlay` draws on).
-        probs: ``(K, H, W)`` float32 per-class scores (max over synonyms), when asked for.
+        probs: ``(K, H, W)`` float16 per-class scores (max over synonyms), when asked for.
     """
 
     mask: np.ndarray
@@ -312,6 +339,7 @@ def load(
     model_name: str | None = None,
     pretrained: str | None = "default",
     weights: str | Path | None = None,
+    precision: str = "32-true",
 ) -> SPAR:
     """Build a SPAR model for inference.
 
@@ -324,6 +352,8 @@ def load(
             (``spar-tiny-sl2`` / ``spar-tiny-clip`` build tiny random models for tests).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's own).
         weights: a local open_clip weights file, for offline use.
+        precision: Lightning's names: ``32-true`` (float32), ``bf16-mixed`` or ``16-mixed`` (autocast around the
+            encoder and the sliding window; the text similarity and mask rule stay float32).
 
     Raises:
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
@@ -332,10 +362,25 @@ def load(
     for kind, path in (("checkpoint", checkpoint), ("weights file", weights)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{kind} not found: {path}")
+    autocast(precision, "cpu")  # an unknown precision fails before the model is built
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = build_encoder(backbone, model_name, pretrained, weights=weights, device=device, checkpoint=checkpoint)
-    return SPAR(encoder, backbone, checkpoint=checkpoint)
+    return SPAR(encoder, backbone, checkpoint=checkpoint, precision=precision)
+
+
+#: Inference precisions, by Lightning's names.
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context of a precision (Lightning's names) on a device; ``32-true`` runs none."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class SPAR:
@@ -345,12 +390,17 @@ class SPAR:
         encoder: the :class:`~spar_pl.encoders.DenseEncoder` (put in eval mode).
         backbone: its backbone name, recorded in written files.
         checkpoint: the checkpoint it was loaded from, recorded in written files.
+        precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (:func:`autocast` around the encoder).
     """
 
-    def __init__(self, encoder: DenseEncoder, backbone: str, checkpoint: str | Path | None = None) -> None:
+    def __init__(
+        self, encoder: DenseEncoder, backbone: str, checkpoint: str | Path | None = None, precision: str = "32-true"
+    ) -> None:
+        autocast(precision, "cpu")
         self.encoder = encoder.eval()
         self.backbone = backbone
         self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.precision = precision
         self._head: OpenVocabHead | None = None
 
     def __repr__(self) -> str:
@@ -375,16 +425,20 @@ class SPAR:
         return pixels, self.encoder.normalize(x), describe(image)
 
     def _encode(self, x: torch.Tensor, name: str, mode: str, stride: int, crop: int | None) -> torch.Tensor:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "sliding" and stride < 1:
-            raise ValueError(f"the sliding-window stride must be a positive number of pixels, got {stride}")
+        """Single-pass (``single``) or sliding-window teacher (``sliding``) features of a normalised input."""
         run = self.encoder if mode == "single" else SlidingWindowTeacher(self.encoder, crop=crop, stride=stride)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(self.precision, x.device):
                 return run(x).float()
         except ValueError as err:  # e.g. an image smaller than one patch: say which image
             raise ImageInputError(f"{name}: {err}") from err
+
+    @staticmethod
+    def _check_mode(mode: str, stride: int, modes: Sequence[str]) -> None:
+        if mode not in modes:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(modes)}")
+        if mode != "single" and stride < 1:
+            raise ValueError(f"the sliding-window stride must be a positive number of pixels, got {stride}")
 
     def features(
         self,
@@ -413,15 +467,28 @@ class SPAR:
 
     def _features(self, image, mode, stride, crop, upsample, max_side, dtype) -> tuple[torch.Tensor, dict[str, str]]:
         """:meth:`features` and a description of the run (the metadata of :meth:`write_features`)."""
+        feats, info = self._encoded(image, mode, stride, crop, upsample, max_side, dtype)
+        if upsample:
+            out = feats.new_empty((1, feats.shape[1], int(info["image_height"]), int(info["image_width"])), dtype=dtype)
+            for start, part in self._upsampled(feats, out.shape[-2:], dtype):
+                out[:, start : start + part.shape[1]] = part
+            feats = out
+        return feats.to(dtype), info
+
+    @staticmethod
+    def _upsampled(feats: torch.Tensor, size, dtype: torch.dtype, channels: int = 64):
+        """``(start, piece)`` of the features resized to ``size``, in chunks of channels (bounded memory)."""
+        for start in range(0, feats.shape[1], channels):
+            part = feats[:, start : start + channels]
+            part = F.interpolate(part, size=tuple(size), mode="bilinear", align_corners=False)
+            yield start, part.to(dtype)
+
+    def _encoded(self, image, mode, stride, crop, upsample, max_side, dtype) -> tuple[torch.Tensor, dict[str, str]]:
+        """Patch-grid features of an image (float32) and the metadata of the run."""
+        self._check_mode(mode, stride, MODES)
         pixels, x, name = self._input(image, max_side)
         feats = self._encode(x, name, mode, stride, crop)
         size = tuple(pixels.shape[-2:])
-        if upsample:
-            out = feats.new_empty((1, feats.shape[1], *size), dtype=dtype)
-            for start in range(0, feats.shape[1], 64):
-                part = F.interpolate(feats[:, start : start + 64], size=size, mode="bilinear", align_corners=False)
-                out[:, start : start + 64] = part.to(dtype)
-            feats = out
         sliding = mode == "sliding"
         info = {
             "format": FEATURES_FORMAT,
@@ -439,9 +506,10 @@ class SPAR:
             "patch_size": str(self.encoder.patch_size),
             "upsampled": str(bool(upsample)).lower(),
             "dtype": str(dtype).removeprefix("torch."),
+            "precision": self.precision,
             "source": name,
         }
-        return feats.to(dtype), info
+        return feats, info
 
     def write_features(
         self,
@@ -462,13 +530,23 @@ class SPAR:
         ``input_height``/``input_width`` (what the model saw, after ``max_side``), ``patch_size``, ``upsampled``
         (``true``: ``h, w`` = the image size), ``dtype`` and ``source`` (the input's name).
         """
-        feats, info = self._features(image, mode, stride, crop, upsample, max_side, dtype)
-        return save_safetensors({"features": feats}, path, info)
+        feats, info = self._encoded(image, mode, stride, crop, upsample, max_side, dtype)
+        if not upsample:
+            return save_safetensors({"features": feats.to(dtype)}, path, info)
+        size = (int(info["image_height"]), int(info["image_width"]))
+        with safetensors_writer(path, "features", (1, feats.shape[1], *size), dtype, info) as write:
+            for _, part in self._upsampled(feats, size, dtype):  # written in pieces: never the whole C x H x W
+                write(part)
+        return Path(path)
 
     def head(self, classes: str | Path | Sequence[str], logit_scale: float = 40.0, prob_thd: float = 0.0):
         """The :class:`~spar_pl.openvocab.OpenVocabHead` for these classes; the last one is reused (and its text
-        embeddings with it) while the classes and settings stay the same."""
-        parsed = resolve_classes(classes)
+        embeddings with it) while the classes and settings stay the same.
+
+        Raises:
+            ValueError: a bad class list, or a single class (nothing to segment; commas in an entry list synonyms).
+        """
+        parsed = segmentation_classes(classes)
         head = self._head
         if head is None or (head.classes, head.logit_scale, head.prob_thd) != (parsed, logit_scale, prob_thd):
             entries = [", ".join(names) for names in parsed]
@@ -486,30 +564,68 @@ class SPAR:
         prob_thd: float = 0.0,
         max_side: int | None = None,
         return_probs: bool = False,
+        probs_file: str | Path | None = None,
+        window_batch: int = 16,
     ) -> Segmentation:
         """Open-vocabulary segmentation of one image (``SPAR.md`` section 4), at the image's original size.
+
+        Memory is bounded whatever the number of classes and the image size: the mask rule runs over chunks of
+        classes (:meth:`~spar_pl.openvocab.OpenVocabHead.predict`), never a full ``K x H x W`` float32 tensor.
 
         Args:
             image: a path, PIL image, numpy array or tensor (see the module notes).
             classes: class entries (``"name"`` or ``"name, synonym, ..."``), a class-file path or a benchmark
                 name; at least one, no name twice.
-            mode, stride, crop, max_side: as in :meth:`features`.
+            mode: ``single`` (one pass); ``sliding`` (the authors' evaluation baseline: logits-level sliding
+                window); ``sliding-features`` (the distillation teacher's sliding-window features, then the head).
+            stride, crop, max_side: as in :meth:`features`.
             logit_scale: multiplier on cosine similarities before the softmax over synonyms.
             prob_thd: pixels whose best class score is below this become class 0.
-            return_probs: keep the ``(K, H, W)`` per-class scores on the result (memory: ``4 K H W`` bytes).
+            return_probs: keep the ``(K, H, W)`` float16 per-class scores on the result (``2 K H W`` bytes).
+            probs_file: write the float16 ``(K, H, W)`` scores to this safetensors file in pieces (key ``probs``,
+                class names in the metadata), without holding them in memory.
+            window_batch: windows per encoder call in the sliding modes.
         """
+        self._check_mode(mode, stride, SEGMENT_MODES)
         head = self.head(classes, logit_scale, prob_thd)  # first: a bad class list fails before any compute
         pixels, x, name = self._input(image, max_side)
-        feats = self._encode(x, name, mode, stride, crop)
-        with torch.inference_mode():
-            scores = head(feats, tuple(pixels.shape[-2:]))
-            mask = head.mask(scores)[0].cpu().numpy().astype(np.int64)
+        size = tuple(pixels.shape[-2:])
+        names = [names[0] for names in head.classes]
+        probs = torch.empty((head.num_classes, *size), dtype=torch.float16) if return_probs else None
+        with contextlib.ExitStack() as stack:
+            write = None
+            if probs_file is not None:
+                meta = {"classes": json.dumps(names), "synonyms": json.dumps(head.classes), "layout": "KHW"}
+                write = stack.enter_context(
+                    safetensors_writer(probs_file, "probs", (head.num_classes, *size), torch.float16, meta)
+                )
+
+            def keep(k0: int, k1: int, scores: torch.Tensor) -> None:
+                part = scores[0].to(torch.float16).cpu()
+                if probs is not None:
+                    probs[k0:k1] = part
+                if write is not None:
+                    write(part)
+
+            out = keep if (probs is not None or write is not None) else None
+            try:
+                with torch.inference_mode(), autocast(self.precision, x.device):
+                    if mode == "sliding":
+                        crop = crop or self.encoder.native_size
+                        mask = head.predict_sliding(self.encoder, x, size, crop, stride, window_batch, probs_out=out)
+                    else:
+                        feats = self._encode(x, name, "single" if mode == "single" else "sliding", stride, crop)
+                        mask = head.predict(feats, size, probs_out=out)
+            except ImageInputError:
+                raise
+            except ValueError as err:  # e.g. an image smaller than one patch: say which image
+                raise ImageInputError(f"{name}: {err}") from err
         return Segmentation(
-            mask=mask,
-            classes=[names[0] for names in head.classes],
+            mask=mask[0].cpu().numpy().astype(np.int64),
+            classes=names,
             synonyms=[list(names) for names in head.classes],
             image=to_pil(pixels),
-            probs=scores[0].float().cpu() if return_probs else None,
+            probs=probs,
         )
 
 

@@ -10,8 +10,9 @@ features, their agreement, and an open-vocabulary segmentation written as overla
 arguments it builds a tiny random SigLIP2-shaped model in-process and draws a sample scene, so it
 runs offline on a CPU; pass ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
 
-``spar-cli segment IMAGE_OR_DIR... --classes "road, car, sky" --out DIR`` writes overlays and label PNGs for your
-images; ``spar-cli features IMAGE_OR_DIR... --out DIR`` writes dense features as safetensors (``--help`` on each).
+``spar-cli segment IMAGE_OR_DIR... --classes road car "person, pedestrian" --out DIR`` writes overlays and label
+PNGs for your images (one class per argument, commas list synonyms); ``spar-cli features IMAGE_OR_DIR... --out
+DIR`` writes dense features as safetensors (``--help`` on each).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder, read_state_dict
+from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.sliding import SlidingWindowTeacher
@@ -67,13 +68,17 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag")
     parser.add_argument("--weights", default=None, help="local open_clip weights file")
     parser.add_argument("--image", default=None, help="an image file (default: a generated scene)")
-    parser.add_argument("--classes", nargs="+", default=list(SAMPLE_CLASSES), help='entries like "grass, lawn"')
+    parser.add_argument(
+        "--classes", nargs="+", default=list(SAMPLE_CLASSES), help="one class per argument; commas list synonyms"
+    )
     parser.add_argument("--stride", type=int, default=24)
     parser.add_argument("--crop", type=int, default=None, help="window side (default: the model's native size)")
     parser.add_argument("--out", default="results/quickstart")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-distill", action="store_true", help="skip the tiny distillation and table stages")
+    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
     args = parser.parse_args(argv)
+    from spar_pl.api import autocast
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,14 +109,16 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     with torch.inference_mode():
         t0 = time.perf_counter()
-        single = encoder(x)
+        with autocast(args.precision, x.device):
+            single = encoder(x).float()
         t1 = time.perf_counter()
-        sliding = teacher(x)
+        with autocast(args.precision, x.device):
+            sliding = teacher(x).float()
         t2 = time.perf_counter()
         single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
         cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
         mse = F.mse_loss(single, sliding).item()
-        head = OpenVocabHead(encoder, args.classes)
+        head = OpenVocabHead(encoder, segmentation_classes_or_exit(args.classes))
         names = [synonyms[0] for synonyms in head.classes]
         out = Path(args.out)
         for tag, feats in (("single", single), ("sliding", sliding)):
@@ -138,6 +145,16 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         print("the paper's table on tiny generated benchmarks (make table-tiny):")
         numbers["table"] = table_tiny(out)
     return numbers
+
+
+def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:
+    """``--classes`` entries (one class per argument, commas list synonyms), or exit with the reason."""
+    from spar_pl.api import class_entries, segmentation_classes
+
+    try:
+        return [", ".join(names) for names in segmentation_classes(class_entries(arguments))]
+    except ValueError as err:
+        raise SystemExit(f"spar-cli: {err}") from err
 
 
 def distill_demo(root: Path) -> dict[str, float]:
@@ -175,26 +192,28 @@ def distill_demo(root: Path) -> dict[str, float]:
 
 
 def export(argv: Sequence[str] | None = None) -> Path:
-    """``spar-cli export CKPT OUT``: the student's open_clip weights from a distillation checkpoint, as safetensors."""
+    """``spar-cli export CKPT OUT``: the model's open_clip weights from a SPAR checkpoint (a ``spar-cli fit``
+    checkpoint's student, an authors' ``.ckpt``, ...) as safetensors; the file is read safely, never unpickled."""
     parser = argparse.ArgumentParser(prog="spar-cli export", description=export.__doc__)
-    parser.add_argument("checkpoint", help="a DistillModule checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", help="a SPAR checkpoint (.ckpt of spar-cli fit or of the authors)")
     parser.add_argument("out", help="output .safetensors file, loadable with build_encoder(weights=...)")
     args = parser.parse_args(argv)
     from spar_pl.fileio import save_safetensors
+    from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
     path = Path(args.checkpoint)
-    if not path.is_file():
-        raise SystemExit(f"checkpoint not found: {path}")
     try:
-        state = read_state_dict(path)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
-    prefix = "student.model."
-    weights = {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise SystemExit(f"{path} holds no student weights (keys starting with {prefix!r})")
-    out = save_safetensors(weights, args.out, {"source": str(path), "format": "open_clip"})
-    print(f"wrote {len(weights)} tensors to {out}")
+        state, prefix = strip_layout(read_state_dict(path), set())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"spar-cli export: {err}") from err
+    if not prefix:
+        raise SystemExit(
+            f"spar-cli export: {path} carries no known checkpoint layout ({', '.join(p for p in LAYOUTS if p)}); "
+            "a plain state dict is already loadable with --weights"
+        )
+    weights = {k: v.contiguous() for k, v in state.items()}
+    out = save_safetensors(weights, args.out, {"source": str(path), "format": "open_clip", "layout": prefix})
+    print(f"wrote {len(weights)} tensors ({LAYOUTS[prefix]}) to {out}")
     return out
 
 
@@ -266,9 +285,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argparse.ArgumentParser:
     """Arguments shared by ``segment`` and ``features``: inputs, output folder, model, mode, size."""
-    from spar_pl.api import MODES
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
@@ -279,10 +297,13 @@ def _inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None, help="local open_clip weights file (offline)")
     parser.add_argument("--checkpoint", default=None, help="SPAR checkpoint: .ckpt or spar-cli export .safetensors")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--mode", default="single", choices=MODES, help="single pass or sliding-window teacher")
+    parser.add_argument("--mode", default="single", choices=modes, help="single pass or a sliding window (README)")
     parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
     parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
     parser.add_argument("--max-side", type=_positive_int, default=None, help="downscale longer sides to this first")
+    parser.add_argument(
+        "--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"), help="autocast of the encoder"
+    )
     return parser
 
 
@@ -291,7 +312,9 @@ def _load_model(args: argparse.Namespace):
 
     pretrained = args.pretrained if args.pretrained is not None else "default"
     try:
-        return load(args.backbone, args.checkpoint, args.device, args.model_name, pretrained, args.weights)
+        return load(
+            args.backbone, args.checkpoint, args.device, args.model_name, pretrained, args.weights, args.precision
+        )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err
 
@@ -314,30 +337,33 @@ def _run_batch(args: argparse.Namespace, work, desc: str) -> int:
 
 
 def segment(argv: Sequence[str] | None = None) -> int:
-    """``spar-cli segment IMAGE_OR_DIR... --classes "road, car, sky" --out DIR``: per image a colour overlay with a
-    legend (``<stem>_overlay.png``), the palette label PNG (``<stem>_labels.png``) and, with ``--save-probs``,
+    """``spar-cli segment IMAGE_OR_DIR... --classes road car "person, man" --out DIR``: per image a colour overlay
+    with a legend (``<stem>_overlay.png``), the palette label PNG (``<stem>_labels.png``) and, with ``--save-probs``,
     float16 class probabilities (``<stem>_probs.safetensors``), all at the image's original size."""
-    from spar_pl.api import resolve_classes, split_class_names
+    from spar_pl.api import SEGMENT_MODES, class_entries, segmentation_classes
 
-    parser = _inference_parser("spar-cli segment", segment.__doc__)
+    parser = _inference_parser("spar-cli segment", segment.__doc__, SEGMENT_MODES)
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--classes", help='comma-separated class names, one class each: "road, car, sky"')
+    group.add_argument(
+        "--classes", nargs="+", metavar="CLASS", help='one class per argument; commas list synonyms: road "person, man"'
+    )
     group.add_argument("--classes-file", help='class file, one class a line, synonyms "name, synonym" (or voc21 ...)')
     parser.add_argument("--logit-scale", type=float, default=40.0)
     parser.add_argument("--prob-thd", type=float, default=0.0, help="pixels scoring below this become class 0")
     parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.safetensors (K, H, W)")
     args = parser.parse_args(argv)
     try:
-        parsed = resolve_classes(split_class_names(args.classes) if args.classes is not None else args.classes_file)
+        parsed = segmentation_classes(class_entries(args.classes) if args.classes is not None else args.classes_file)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     if len(parsed) > 256:
         parser.error(f"{len(parsed)} classes: the label PNG holds at most 256")
     classes = [", ".join(names) for names in parsed]
     model = _load_model(args)
-    print(f"{model}: {len(classes)} classes ({'; '.join(classes)}), mode {args.mode}")
+    print(f"{model}: {len(classes)} classes ({'; '.join(classes)}), mode {args.mode}, precision {args.precision}")
 
     def work(path: Path, stem: str) -> None:
+        probs_file = Path(args.out) / f"{stem}_probs.safetensors" if args.save_probs else None
         result = model.segment(
             path,
             classes,
@@ -347,9 +373,9 @@ def segment(argv: Sequence[str] | None = None) -> int:
             args.logit_scale,
             args.prob_thd,
             args.max_side,
-            return_probs=args.save_probs,
+            probs_file=probs_file,  # written in pieces while the mask is computed
         )
-        result.save(args.out, stem, probs=args.save_probs)
+        result.save(args.out, stem)
 
     return _run_batch(args, work, "segment")
 
@@ -357,7 +383,9 @@ def segment(argv: Sequence[str] | None = None) -> int:
 def features(argv: Sequence[str] | None = None) -> int:
     """``spar-cli features IMAGE_OR_DIR... --out DIR``: dense features per image as ``<stem>.safetensors``, tensor
     ``features`` (1, C, h, w) (NCHW) with metadata (backbone, model, mode, stride, image and input sizes, dtype)."""
-    parser = _inference_parser("spar-cli features", features.__doc__)
+    from spar_pl.api import MODES
+
+    parser = _inference_parser("spar-cli features", features.__doc__, MODES)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
     args = parser.parse_args(argv)

@@ -50,3 +50,46 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+@contextmanager
+def safetensors_writer(
+    path: str | Path, name: str, shape: tuple[int, ...], dtype: torch.dtype, metadata: dict[str, str] | None = None
+) -> Iterator:
+    """Write one tensor of ``shape`` to a safetensors file in pieces, atomically.
+
+    Yields ``write(piece)``: pieces are consecutive slices along the first dimension of size above one (row-major
+    order), so a tensor larger than memory can be written as it is computed. The file is complete only if the pieces add
+    up to ``shape``; otherwise nothing is left behind.
+    """
+    import json
+
+    import numpy as np
+
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype} for a streamed safetensors file")
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    header = {name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the header is padded to 8 bytes, as the safetensors library writes it
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+
+        def write(piece: torch.Tensor) -> None:
+            nonlocal written
+            lead = next((i for i, n in enumerate(shape) if n != 1), 0)  # pieces split this dimension
+            if tuple(piece.shape[lead + 1 :]) != tuple(shape[lead + 1 :]) or piece.dtype != dtype:
+                raise ValueError(f"piece {tuple(piece.shape)} {piece.dtype} does not fit {tuple(shape)} {dtype}")
+            data = piece.detach().cpu().contiguous()
+            fh.write(data.view(torch.uint8).numpy().tobytes() if dtype == torch.bfloat16 else data.numpy().tobytes())
+            written += data.numel() * data.element_size()
+
+        yield write
+        if written != nbytes:
+            raise ValueError(f"{path}: wrote {written} of {nbytes} bytes")

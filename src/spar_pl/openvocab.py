@@ -6,11 +6,17 @@ dense features are L2-normalised per location, compared with every synonym, upsa
 to the original image size, scaled by ``logit_scale`` and softmaxed over synonyms; a class scores
 the max over its synonyms; an optional area threshold suppresses small classes; pixels whose top
 score is below ``prob_thd`` become class 0.
+
+Memory: the rule runs over chunks of whole classes at the original size (:meth:`OpenVocabHead.predict`):
+a running maximum, its synonym and a running log-sum-exp per pixel, never a full ``K x H x W`` tensor;
+the argmax of the synonym-max probabilities is the class of the largest logit (softmax is monotone), and
+a class's probability is ``exp(scale * max logit - logsumexp)``. Probabilities, when asked for, are handed
+out chunk by chunk (float16 files written in pieces).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -130,22 +136,140 @@ class OpenVocabHead(nn.Module):
     def synonym_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine similarities ``(B, S, h, w)`` of L2-normalised features with every synonym."""
         text = self.text_embeddings(feats.device)
-        return torch.einsum("bchw,sc->bshw", F.normalize(feats.float(), dim=1), text)
+        with torch.autocast(feats.device.type, enabled=False):  # float32 under a mixed-precision encoder
+            return torch.einsum("bchw,sc->bshw", F.normalize(feats.float(), dim=1), text)
 
     def forward(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Per-class scores ``(B, K, H0, W0)``: softmax over synonyms at ``size``, max over each class's synonyms."""
+        """Per-class scores ``(B, K, H0, W0)``: softmax over synonyms at ``size``, max over each class's synonyms.
+
+        This holds the whole ``K x H0 x W0`` tensor; :meth:`predict` computes masks (and, if asked, the same
+        scores chunk by chunk) in bounded memory.
+        """
         logits = F.interpolate(self.synonym_logits(feats), size=tuple(size), mode="bilinear", align_corners=False)
-        probs = (logits * self.logit_scale).softmax(dim=1)
+        return self.class_scores((logits * self.logit_scale).softmax(dim=1))
+
+    def class_scores(self, probs: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Max over each class's synonyms of synonym probabilities ``(B, S', H, W)`` for the classes from ``first``."""
         if len(self.synonyms) == self.num_classes:
             return probs
-        b, _, h, w = probs.shape
-        index = self.synonym_class.view(1, -1, 1, 1).expand_as(probs)
-        out = probs.new_zeros(b, self.num_classes, h, w)
+        index = self.synonym_class.to(probs.device)[self._synonym_start(first) :][: probs.shape[1]] - first
+        out = probs.new_zeros(probs.shape[0], int(index.max()) + 1, *probs.shape[2:])
+        index = index.view(1, -1, 1, 1).expand_as(probs)
         return out.scatter_reduce_(1, index, probs, reduce="amax", include_self=False)
 
-    def predict(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Class-index masks ``(B, H0, W0)`` (int64) after the area and probability thresholds."""
-        return self.mask(self(feats, size))
+    def _synonym_start(self, cls: int) -> int:
+        return sum(len(names) for names in self.classes[:cls])
+
+    def class_chunks(self, pixels: int, budget_bytes: int = 1 << 26) -> list[tuple[int, int]]:
+        """Ranges ``(k0, k1)`` of whole classes whose synonyms' float32 maps of ``pixels`` fit ``budget_bytes``."""
+        per = max(1, budget_bytes // max(4 * pixels, 1))
+        chunks, start, count = [], 0, 0
+        for k, names in enumerate(self.classes):
+            if count and count + len(names) > per:
+                chunks.append((start, k))
+                start, count = k, 0
+            count += len(names)
+        chunks.append((start, self.num_classes))
+        return chunks
+
+    def predict(
+        self,
+        feats: torch.Tensor,
+        size: tuple[int, int],
+        probs_out: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Class-index masks ``(B, H0, W0)`` (int64) after the area and probability thresholds, in bounded memory.
+
+        Args:
+            feats: dense features ``(B, C, h, w)``.
+            size: the original image size ``(H0, W0)``; logits are resized bilinearly to it.
+            probs_out: called as ``probs_out(k0, k1, scores)`` with the per-class scores ``(B, k1 - k0, H0, W0)``
+                (float32, as :meth:`forward` gives them) of consecutive chunks of classes, in order.
+        """
+        logits = self.synonym_logits(feats)
+        size = tuple(size)
+
+        def chunk(s0: int, s1: int) -> torch.Tensor:
+            return F.interpolate(logits[:, s0:s1], size=size, mode="bilinear", align_corners=False)
+
+        return self.predict_chunked(chunk, logits.shape[0], size, logits.device, probs_out)
+
+    def predict_sliding(
+        self,
+        encoder: nn.Module,
+        images: torch.Tensor,
+        size: tuple[int, int],
+        crop: int,
+        stride: int,
+        window_batch: int = 16,
+        probs_out: Callable[[int, int, torch.Tensor], None] | None = None,
+        budget_bytes: int = 1 << 26,
+    ) -> torch.Tensor:
+        """Class-index masks of the logits-level sliding window of the authors' evaluation
+        (:class:`~spar_pl.sliding.SlidingWindowLogits`): window logits averaged on a full-resolution canvas,
+        resized to ``size``, then the mask rule, all in chunks of classes."""
+        from spar_pl.sliding import SlidingWindowLogits
+
+        text = self.text_embeddings(images.device)
+        source = SlidingWindowLogits(encoder, images, text, crop, stride, window_batch, size, budget_bytes)
+        # the canvas is at the input size, which may exceed the output size: size chunks for the larger
+        scale = (size[0] * size[1]) / max(size[0] * size[1], images.shape[-2] * images.shape[-1])
+        return self.predict_chunked(source, images.shape[0], size, images.device, probs_out, int(budget_bytes * scale))
+
+    def predict_chunked(
+        self,
+        logits: Callable[[int, int], torch.Tensor],
+        batch: int,
+        size: tuple[int, int],
+        device: torch.device,
+        probs_out: Callable[[int, int, torch.Tensor], None] | None = None,
+        budget_bytes: int = 1 << 26,
+    ) -> torch.Tensor:
+        """The mask rule over logits given chunk by chunk: ``logits(s0, s1)`` are the cosine logits
+        ``(B, s1 - s0, H0, W0)`` of synonyms ``s0:s1`` at the original size (called for whole classes).
+
+        Pass 1 keeps per pixel the largest scaled logit, its synonym and the log-sum-exp over all synonyms;
+        the area threshold needs a second pass over the kept classes, probabilities a pass of their own.
+        """
+        synonym_class = self.synonym_class.to(device)
+        chunks = self.class_chunks(batch * size[0] * size[1], budget_bytes)
+        best = torch.full((batch, *size), -torch.inf, device=device)
+        best_syn = torch.zeros((batch, *size), dtype=torch.long, device=device)
+        lse = torch.full((batch, *size), -torch.inf, device=device)
+        for k0, k1 in chunks:
+            s0, s1 = self._synonym_start(k0), self._synonym_start(k1)
+            z = logits(s0, s1).float() * self.logit_scale
+            top, arg = z.max(dim=1)
+            better = top > best  # strict: ties keep the earlier synonym, hence the lower class, as argmax does
+            best = torch.where(better, top, best)
+            best_syn = torch.where(better, arg + s0, best_syn)
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+            del z
+        pred = synonym_class[best_syn]
+        if self.area_thd is not None:
+            k = self.num_classes
+            flat = pred.flatten(1) + torch.arange(batch, device=device)[:, None] * k
+            area = torch.bincount(flat.flatten(), minlength=batch * k).view(batch, k)[:, 1:]  # pixels per class but 0
+            keep = torch.cat([area.new_ones(batch, 1, dtype=torch.bool), area > self.area_thd * area.sum(1, True)], 1)
+            if not bool(keep.all()):
+                best = torch.full_like(best, -torch.inf)
+                for k0, k1 in chunks:
+                    s0, s1 = self._synonym_start(k0), self._synonym_start(k1)
+                    z = logits(s0, s1).float() * self.logit_scale
+                    kept = keep[:, synonym_class[s0:s1]]  # (B, s1 - s0): suppressed classes score 0
+                    z = z.masked_fill(~kept[:, :, None, None], -torch.inf)
+                    top, arg = z.max(dim=1)
+                    better = top > best
+                    best = torch.where(better, top, best)
+                    pred = torch.where(better, synonym_class[arg + s0], pred)
+                    del z
+        pred = pred.masked_fill(torch.exp(best - lse) < self.prob_thd, 0)
+        if probs_out is not None:
+            for k0, k1 in chunks:
+                s0, s1 = self._synonym_start(k0), self._synonym_start(k1)
+                probs = torch.exp(logits(s0, s1).float() * self.logit_scale - lse[:, None])
+                probs_out(k0, k1, self.class_scores(probs, k0))
+        return pred
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Apply the area threshold, argmax and probability threshold to per-class scores ``(B, K, H, W)``."""

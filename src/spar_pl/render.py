@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from spar_pl.fileio import atomic_path
 
@@ -19,29 +19,83 @@ def palette(num_classes: int, seed: int = 0) -> np.ndarray:
     return np.asarray(Image.fromarray(hsv[None], mode="HSV").convert("RGB"))[0]
 
 
-def overlay(image: Image.Image, mask: np.ndarray, class_names: Sequence[str], alpha: float = 0.55) -> Image.Image:
+def legend_font(image_size: tuple[int, int]) -> ImageFont.ImageFont:
+    """A font whose height follows the image: about 1/40 of the shorter side, 9 to 64 px."""
+    size = int(min(64, max(9, round(min(image_size) / 40))))
+    try:
+        return ImageFont.load_default(size=size)
+    except (OSError, TypeError):  # Pillow built without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def legend_corner(mask: np.ndarray, box: tuple[int, int]) -> tuple[int, int]:
+    """Top-left ``(x, y)`` of the image corner where a legend of ``box = (width, height)`` hides least: the corner
+    whose covered pixels are most uniform (fewest pixels of classes other than the corner's most frequent one)."""
+    height, width = mask.shape
+    bw, bh = min(box[0], width), min(box[1], height)
+    best, corner = None, (0, 0)
+    for x, y in ((0, 0), (width - bw, 0), (0, height - bh), (width - bw, height - bh)):
+        patch = mask[y : y + bh, x : x + bw]
+        hidden = patch.size - int(np.bincount(patch.ravel()).max()) if patch.size else 0
+        if best is None or hidden < best:
+            best, corner = hidden, (x, y)
+    return corner
+
+
+def overlay(
+    image: Image.Image, mask: np.ndarray, class_names: Sequence[str], alpha: float = 0.55, max_area: float = 0.25
+) -> Image.Image:
     """Blend a colour-coded mask over an RGB image and add a legend of the classes present.
+
+    The legend's text scales with the image (readable on a 2000 px image, small on a 160 px one), it is drawn in
+    the corner where it hides least (:func:`legend_corner`), and it covers at most ``max_area`` of the image:
+    classes that do not fit are summarised as "+N more" (largest areas are listed first).
 
     Args:
         image: the RGB image, same size as ``mask``.
         mask: ``(H, W)`` integer class indices.
         class_names: a display name per class index.
         alpha: weight of the mask colour.
+        max_area: the largest fraction of the image the legend may cover.
     """
     colours = palette(len(class_names))
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     blended = (1 - alpha) * rgb + alpha * colours[mask].astype(np.float32)
     out = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
     present, counts = np.unique(mask, return_counts=True)
-    order = present[np.argsort(-counts)]
+    order = list(present[np.argsort(-counts, kind="stable")])
     draw = ImageDraw.Draw(out)
-    line = 14
-    width = max([len(class_names[k]) for k in order] + [1]) * 7 + 24
-    draw.rectangle([0, 0, width, line * len(order) + 6], fill=(0, 0, 0))
-    for row, k in enumerate(order):
-        y = 3 + row * line
-        draw.rectangle([4, y + 2, 14, y + 11], fill=tuple(int(c) for c in colours[k]))
-        draw.text((20, y), class_names[k], fill=(255, 255, 255))
+    font = legend_font(out.size)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (10, 2)
+    line = ascent + descent + max(2, (ascent + descent) // 4)
+    pad = max(2, line // 4)
+    swatch = max(4, ascent - 1)
+
+    def box_for(rows: list[str]) -> tuple[int, int]:
+        text = max((int(draw.textlength(r, font=font)) for r in rows), default=0)
+        return pad * 3 + swatch + text, pad * 2 + line * len(rows)
+
+    rows = [str(class_names[k]) for k in order]
+    shown = len(rows)
+    while shown > 0:
+        labels = rows[:shown] + ([f"+{len(rows) - shown} more"] if shown < len(rows) else [])
+        bw, bh = box_for(labels)
+        if bw * bh <= max_area * out.width * out.height and bw <= out.width and bh <= out.height:
+            break
+        shown -= 1
+    if shown == 0:
+        return out  # the image is too small for any legend line
+    x0, y0 = legend_corner(mask, (bw, bh))
+    panel = Image.new("RGBA", (bw, bh), (0, 0, 0, 170))
+    out.paste(panel, (x0, y0), panel)
+    for row, label in enumerate(labels):
+        y = y0 + pad + row * line
+        if row < shown:
+            colour = tuple(int(c) for c in colours[order[row]])
+            draw.rectangle(
+                [x0 + pad, y + (line - swatch) // 2, x0 + pad + swatch, y + (line + swatch) // 2], fill=colour
+            )
+        draw.text((x0 + pad * 2 + swatch, y), label, fill=(255, 255, 255), font=font)
     return out
 
 
