@@ -41,10 +41,12 @@ class SegEvalModule(L.LightningModule):
     """Open-vocabulary segmentation evaluation of one encoder on one benchmark.
 
     Args:
-        backbone: ``maskclip`` or ``siglip2``.
+        backbone: ``maskclip``, ``siglip2`` or ``dinov3txt``.
         model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's).
-        weights: local open_clip weights file (e.g. a ``spar-cli export`` file).
+        weights: local open_clip weights file (e.g. a ``spar-cli export`` file); for ``dinov3txt`` the DINOv3
+            backbone file.
+        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         checkpoint: a SPAR checkpoint (the authors' ``.ckpt``, a ``spar-cli fit`` checkpoint, ...).
         mode: ``single`` (one pass) or ``sliding`` (the sliding-window teacher).
         crop: sliding-window side (default: the model's pretraining size).
@@ -64,6 +66,7 @@ class SegEvalModule(L.LightningModule):
         model_name: str | None = None,
         pretrained: str | None = "default",
         weights: str | None = None,
+        head_weights: str | None = None,
         checkpoint: str | None = None,
         mode: str = "single",
         crop: int | None = None,
@@ -81,7 +84,12 @@ class SegEvalModule(L.LightningModule):
             raise ValueError(f"mode must be 'single' or 'sliding', got {mode!r}")
         self.save_hyperparameters()
         self.encoder = build_encoder(
-            backbone, model_name, pretrained=pretrained, weights=weights, checkpoint=checkpoint
+            backbone,
+            model_name,
+            pretrained=pretrained,
+            weights=weights,
+            checkpoint=checkpoint,
+            head_weights=head_weights,
         ).eval()
         self.teacher = SlidingWindowTeacher(self.encoder, crop, stride, window_batch) if mode == "sliding" else None
         self.head = OpenVocabHead(self.encoder, classes, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd)
@@ -96,7 +104,8 @@ class SegEvalModule(L.LightningModule):
     def row(self) -> str:
         """The table row this configuration belongs to."""
         hp = self.hparams
-        trained = hp.checkpoint or hp.weights
+        # dinov3txt's weights are the released backbone; SPAR weights come as a checkpoint
+        trained = hp.checkpoint or (hp.weights and hp.backbone != "dinov3txt")
         if hp.mode == "sliding":
             return f"{'SPAR' if trained else 'pretrained'}, sliding window s={hp.stride}"
         return "SPAR" if trained else "pretrained, single pass"
@@ -248,12 +257,15 @@ def table_command(argv=None) -> str:
     """``spar-cli table --backbone B [--ckpt SPAR.ckpt] [--tiny]``: the paper's table for a backbone config.
 
     ``--tiny`` writes tiny versions of the six benchmarks in their official layouts, distils the tiny
-    model for a SPAR checkpoint, and runs the whole table with ``configs/backbones/tiny.yaml`` on a CPU.
+    model for a SPAR checkpoint, and runs the whole table with ``configs/backbones/tiny.yaml`` on a CPU
+    (``--backbone dinov3txt --tiny``: the DINOv3.txt tiny twin, ``configs/*/dinov3txt-tiny.yaml``).
     """
     import argparse
 
     parser = argparse.ArgumentParser(prog="spar-cli table", description=table_command.__doc__)
-    parser.add_argument("--backbone", default="siglip2", help="a config in configs/backbones/ (siglip2, maskclip)")
+    parser.add_argument(
+        "--backbone", default="siglip2", help="a config in configs/backbones/ (siglip2, maskclip, dinov3txt)"
+    )
     parser.add_argument("--ckpt", default=None, help="SPAR checkpoint for the SPAR row")
     parser.add_argument("--results", default="results", help="results folder")
     parser.add_argument("--render-only", action="store_true", help="only render results/<backbone>.md")
@@ -265,21 +277,30 @@ def table_command(argv=None) -> str:
         return table
     if not args.tiny:
         return run_table(args.backbone, args.ckpt, args.results)
-    return table_tiny(Path(args.results))
+    return table_tiny(Path(args.results), TINY_TWINS.get(args.backbone, "tiny"))
 
 
-def table_tiny(results: Path) -> str:
-    """The whole table pipeline on generated data: tiny benchmarks, a tiny distillation, 18 evaluations."""
+#: The tiny configs (``configs/backbones/<name>.yaml`` and ``configs/distill/<name>.yaml``) standing in for a backbone.
+TINY_TWINS = {"dinov3txt": "dinov3txt-tiny"}
+
+
+def table_tiny(results: Path, name: str = "tiny") -> str:
+    """The whole table pipeline on generated data: tiny benchmarks, a tiny distillation, 18 evaluations.
+
+    Args:
+        results: results folder.
+        name: the tiny configs to use (``tiny``: SigLIP2-shaped; ``dinov3txt-tiny``: the DINOv3.txt twin).
+    """
     from spar_pl.cli import main
     from spar_pl.data import write_sample_images
     from spar_pl.segdata import write_tiny_benchmarks
 
-    work = results / "table-tiny"
+    work = results / ("table-tiny" if name == "tiny" else f"table-{name}")
     roots = write_tiny_benchmarks(work / "data", images=2)
     write_sample_images(work / "distill-data", 8, seed=0)
-    fit = ["fit", "--config", str(CONFIGS / "distill" / "tiny.yaml"), "--trainer.max_epochs", "2"]
+    fit = ["fit", "--config", str(CONFIGS / "distill" / f"{name}.yaml"), "--trainer.max_epochs", "2"]
     fit += ["--data.init_args.train_source", str(work / "distill-data"), "--data.init_args.val_source", "null"]
     fit += ["--trainer.default_root_dir", str(work / "distill"), "--trainer.enable_progress_bar", "false"]
     main(fit)
     checkpoint = max((work / "distill").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return run_table("tiny", str(checkpoint), str(results), roots)
+    return run_table(name, str(checkpoint), str(results), roots)
