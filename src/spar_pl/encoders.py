@@ -466,7 +466,9 @@ class DinoTxtEncoder(DenseEncoder):
     def __init__(self, model: DinoTxtModel, tokenizer=None, mean=None, std=None) -> None:
         if not isinstance(model, DinoTxtModel):
             raise TypeError(f"DinoTxtEncoder needs a DinoTxtModel, got {type(model).__name__}")
-        super().__init__(model, tokenizer or open_clip.SimpleTokenizer(context_length=model.context_length), mean, std)
+        if tokenizer is None:
+            tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)  # dino.txt's BPE ids
+        super().__init__(model, tokenizer, mean, std)
         self.patch_size = int(model.visual.patch_embed.proj.kernel_size[0])
         self.model.eval()
 

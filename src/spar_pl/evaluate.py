@@ -171,7 +171,10 @@ class SegEvalModule(L.LightningModule):
                 "seconds_per_image": seconds / max(images, 1),
                 "peak_memory_mb": self.peak_memory_mb(),
                 "devices": self.trainer.world_size,
-                "config": {k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "mode", "stride")}
+                "config": {
+                    k: hp[k]
+                    for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
+                }
                 | {"crop": self.teacher.crop if self.teacher is not None else None},
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
