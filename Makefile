@@ -7,7 +7,7 @@ PYTHON ?= python3
 # pip on this kind of machine prints a warning per package for an unused local index: keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny
+.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny table-tiny-dinotxt
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -44,11 +44,14 @@ bench-quick: install ## The benchmarks on tiny models at small sizes, a smoke ru
 
 BACKBONE ?= siglip2
 CKPT ?=
-table: install ## The paper's table for BACKBONE (siglip2|maskclip): 18 evaluations [CKPT=spar.ckpt] -> results/BACKBONE.md
+table: install ## The paper's table for BACKBONE (siglip2|maskclip|dinov3txt): 18 evaluations [CKPT=spar.ckpt] -> results/BACKBONE.md
 	$(VENV)/bin/spar-cli table --backbone $(BACKBONE) $(if $(CKPT),--ckpt $(CKPT))
 
 table-tiny: install ## The same on tiny generated benchmarks with a tiny model and a tiny distillation (CPU) -> results/tiny.md
 	$(VENV)/bin/spar-cli table --tiny
+
+table-tiny-dinotxt: install ## The same with the DINOv3.txt tiny twin (CPU) -> results/dinov3txt-tiny.md
+	$(VENV)/bin/spar-cli table --backbone dinov3txt --tiny
 
 clean: ## Remove the virtual environment and build leftovers
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

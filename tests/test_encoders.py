@@ -178,7 +178,7 @@ def test_build_errors_name_the_model_and_file(tmp_path):
         build_encoder("maskclip", "spar-tiny-clip", weights=bad)
     with pytest.raises(RuntimeError, match="no-such-model"):
         build_encoder("maskclip", "no-such-model")
-    with pytest.raises(NotImplementedError, match="not available yet"):
+    with pytest.raises(ValueError, match="dinov3txt needs its two local weight files"):
         build_encoder("dinov3txt")
     with pytest.raises(ValueError, match="unknown backbone 'vit'"):
         build_encoder("vit")

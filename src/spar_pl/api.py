@@ -339,19 +339,21 @@ def load(
     model_name: str | None = None,
     pretrained: str | None = "default",
     weights: str | Path | None = None,
+    head_weights: str | Path | None = None,
     precision: str = "32-true",
 ) -> SPAR:
     """Build a SPAR model for inference.
 
     Args:
-        backbone: ``siglip2`` or ``maskclip``.
+        backbone: ``siglip2``, ``maskclip`` or ``dinov3txt``.
         checkpoint: a SPAR checkpoint (authors' ``.ckpt``, ``spar-cli fit`` checkpoint or ``spar-cli export``
             safetensors), loaded strictly; ``None`` keeps the pretrained (not distilled) weights.
         device: ``cuda`` when available, else ``cpu``, by default.
         model_name: open_clip name or ``hf-hub:`` id; the backbone's default model if ``None``
-            (``spar-tiny-sl2`` / ``spar-tiny-clip`` build tiny random models for tests).
+            (``spar-tiny-sl2`` / ``spar-tiny-clip`` / ``spar-tiny-dinotxt`` build tiny random models for tests).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's own).
-        weights: a local open_clip weights file, for offline use.
+        weights: a local open_clip weights file, for offline use; for ``dinov3txt`` the DINOv3 backbone file.
+        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         precision: Lightning's names: ``32-true`` (float32), ``bf16-mixed`` or ``16-mixed`` (autocast around the
             encoder and the sliding window; the text similarity and mask rule stay float32).
 
@@ -359,13 +361,21 @@ def load(
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
         ValueError: the checkpoint is unreadable or does not match the model.
     """
-    for kind, path in (("checkpoint", checkpoint), ("weights file", weights)):
+    for kind, path in (("checkpoint", checkpoint), ("weights file", weights), ("head weights file", head_weights)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{kind} not found: {path}")
     autocast(precision, "cpu")  # an unknown precision fails before the model is built
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = build_encoder(backbone, model_name, pretrained, weights=weights, device=device, checkpoint=checkpoint)
+    encoder = build_encoder(
+        backbone,
+        model_name,
+        pretrained,
+        weights=weights,
+        device=device,
+        checkpoint=checkpoint,
+        head_weights=head_weights,
+    )
     return SPAR(encoder, backbone, checkpoint=checkpoint, precision=precision)
 
 

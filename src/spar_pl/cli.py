@@ -66,7 +66,8 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--backbone", default="siglip2", choices=sorted(TINY_MODELS))
     parser.add_argument("--model-name", default=None, help="open_clip name or hf-hub: id (default: tiny random)")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag")
-    parser.add_argument("--weights", default=None, help="local open_clip weights file")
+    parser.add_argument("--weights", default=None, help="local open_clip weights file; dinov3txt: the backbone .pth")
+    parser.add_argument("--head-weights", default=None, help="dinov3txt: the dino.txt head and text encoder .pth")
     parser.add_argument("--image", default=None, help="an image file (default: a generated scene)")
     parser.add_argument(
         "--classes", nargs="+", default=list(SAMPLE_CLASSES), help="one class per argument; commas list synonyms"
@@ -86,7 +87,17 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         TINY_MODELS[args.backbone] if args.weights is None else BACKBONES[args.backbone]["model_name"]
     )
     pretrained = args.pretrained if args.pretrained is not None else "default"
-    encoder = build_encoder(args.backbone, name, pretrained=pretrained, weights=args.weights, device=device)
+    try:
+        encoder = build_encoder(
+            args.backbone,
+            name,
+            pretrained=pretrained,
+            weights=args.weights,
+            device=device,
+            head_weights=args.head_weights,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"spar-cli quickstart: {err}") from err
     random_weights = name in TINY_MODELS.values()
     print(
         f"model: {args.backbone} / {name}"
@@ -294,7 +305,8 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument("--backbone", default="siglip2", choices=sorted(BACKBONES))
     parser.add_argument("--model-name", default=None, help="open_clip name or hf-hub: id (default: the backbone's)")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the backbone's)")
-    parser.add_argument("--weights", default=None, help="local open_clip weights file (offline)")
+    parser.add_argument("--weights", default=None, help="local open_clip weights file; dinov3txt: the backbone .pth")
+    parser.add_argument("--head-weights", default=None, help="dinov3txt: the dino.txt head and text encoder .pth")
     parser.add_argument("--checkpoint", default=None, help="SPAR checkpoint: .ckpt or spar-cli export .safetensors")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--mode", default="single", choices=modes, help="single pass or a sliding window (README)")
@@ -313,7 +325,14 @@ def _load_model(args: argparse.Namespace):
     pretrained = args.pretrained if args.pretrained is not None else "default"
     try:
         return load(
-            args.backbone, args.checkpoint, args.device, args.model_name, pretrained, args.weights, args.precision
+            args.backbone,
+            args.checkpoint,
+            args.device,
+            args.model_name,
+            pretrained,
+            args.weights,
+            args.head_weights,
+            args.precision,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err

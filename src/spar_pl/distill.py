@@ -23,10 +23,11 @@ class DistillModule(L.LightningModule):
     """Distil the sliding-window teacher into the single-pass student.
 
     Args:
-        backbone: ``maskclip`` or ``siglip2``.
+        backbone: ``maskclip``, ``siglip2`` or ``dinov3txt``.
         model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's).
-        weights: local open_clip weights file (offline).
+        weights: local open_clip weights file (offline); for ``dinov3txt`` the DINOv3 backbone file.
+        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         crop: teacher window side (default: the model's pretraining size).
         stride: teacher window stride (the paper: 24).
         window_batch: teacher windows per encoder call.
@@ -44,6 +45,7 @@ class DistillModule(L.LightningModule):
         model_name: str | None = None,
         pretrained: str | None = "default",
         weights: str | None = None,
+        head_weights: str | None = None,
         crop: int | None = None,
         stride: int = 24,
         window_batch: int = 16,
@@ -54,7 +56,9 @@ class DistillModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.student: DenseEncoder = build_encoder(backbone, model_name, pretrained=pretrained, weights=weights)
+        self.student: DenseEncoder = build_encoder(
+            backbone, model_name, pretrained=pretrained, weights=weights, head_weights=head_weights
+        )
         self.trainable_names = self.student.set_trainable(trainable)
         # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
         model = self.student.model

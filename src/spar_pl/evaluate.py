@@ -43,10 +43,12 @@ class SegEvalModule(L.LightningModule):
     """Open-vocabulary segmentation evaluation of one encoder on one benchmark.
 
     Args:
-        backbone: ``maskclip``, ``maskclip-legacy`` or ``siglip2``.
+        backbone: ``maskclip``, ``maskclip-legacy``, ``siglip2`` or ``dinov3txt``.
         model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's).
-        weights: local open_clip weights file (e.g. a ``spar-cli export`` file).
+        weights: local open_clip weights file (e.g. a ``spar-cli export`` file); for ``dinov3txt`` the DINOv3
+            backbone file.
+        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         checkpoint: a SPAR checkpoint (the authors' ``.ckpt``, a ``spar-cli fit`` checkpoint, ...).
         mode: ``single`` (one pass); ``sliding`` (the authors' evaluation baseline: logits-level sliding window,
             :class:`~spar_pl.sliding.SlidingWindowLogits`); or ``sliding-features`` (the distillation teacher's
@@ -72,6 +74,7 @@ class SegEvalModule(L.LightningModule):
         model_name: str | None = None,
         pretrained: str | None = "default",
         weights: str | None = None,
+        head_weights: str | None = None,
         checkpoint: str | None = None,
         mode: str = "single",
         crop: int | None = None,
@@ -103,7 +106,12 @@ class SegEvalModule(L.LightningModule):
         area_thd = override.get("area_thd", area_thd)
         self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
         self.encoder = build_encoder(
-            backbone, model_name, pretrained=pretrained, weights=weights, checkpoint=checkpoint
+            backbone,
+            model_name,
+            pretrained=pretrained,
+            weights=weights,
+            checkpoint=checkpoint,
+            head_weights=head_weights,
         ).eval()
         self.teacher = SlidingWindowTeacher(self.encoder, crop, stride, window_batch) if mode != "single" else None
         self.head = OpenVocabHead(self.encoder, classes, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd)
@@ -118,7 +126,8 @@ class SegEvalModule(L.LightningModule):
     def row(self) -> str:
         """The table row this configuration belongs to."""
         hp = self.hparams
-        trained = hp.checkpoint or hp.weights
+        # dinov3txt's weights are the released backbone; SPAR weights come as a checkpoint
+        trained = hp.checkpoint or (hp.weights and hp.backbone != "dinov3txt")
         if hp.mode != "single":
             kind = "sliding window" if hp.mode == "sliding" else "feature-level sliding window"
             return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
@@ -188,7 +197,10 @@ class SegEvalModule(L.LightningModule):
                 "seconds_per_image": seconds / max(images, 1),
                 "peak_memory_mb": self.peak_memory_mb(),
                 "devices": self.trainer.world_size,
-                "config": {k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "mode", "stride")}
+                "config": {
+                    k: hp[k]
+                    for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
+                }
                 | {"crop": self.teacher.crop if self.teacher is not None else None}
                 | self.protocol,
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -270,12 +282,15 @@ def table_command(argv=None) -> str:
     """``spar-cli table --backbone B [--ckpt SPAR.ckpt] [--tiny]``: the paper's table for a backbone config.
 
     ``--tiny`` writes tiny versions of the six benchmarks in their official layouts, distils the tiny
-    model for a SPAR checkpoint, and runs the whole table with ``configs/backbones/tiny.yaml`` on a CPU.
+    model for a SPAR checkpoint, and runs the whole table with ``configs/backbones/tiny.yaml`` on a CPU
+    (``--backbone dinov3txt --tiny``: the DINOv3.txt tiny twin, ``configs/*/dinov3txt-tiny.yaml``).
     """
     import argparse
 
     parser = argparse.ArgumentParser(prog="spar-cli table", description=table_command.__doc__)
-    parser.add_argument("--backbone", default="siglip2", help="a config in configs/backbones/ (siglip2, maskclip)")
+    parser.add_argument(
+        "--backbone", default="siglip2", help="a config in configs/backbones/ (siglip2, maskclip, dinov3txt)"
+    )
     parser.add_argument("--ckpt", default=None, help="SPAR checkpoint for the SPAR row")
     parser.add_argument("--results", default="results", help="results folder")
     parser.add_argument("--render-only", action="store_true", help="only render results/<backbone>.md")
@@ -287,21 +302,30 @@ def table_command(argv=None) -> str:
         return table
     if not args.tiny:
         return run_table(args.backbone, args.ckpt, args.results)
-    return table_tiny(Path(args.results))
+    return table_tiny(Path(args.results), TINY_TWINS.get(args.backbone, "tiny"))
 
 
-def table_tiny(results: Path) -> str:
-    """The whole table pipeline on generated data: tiny benchmarks, a tiny distillation, 18 evaluations."""
+#: The tiny configs (``configs/backbones/<name>.yaml`` and ``configs/distill/<name>.yaml``) standing in for a backbone.
+TINY_TWINS = {"dinov3txt": "dinov3txt-tiny"}
+
+
+def table_tiny(results: Path, name: str = "tiny") -> str:
+    """The whole table pipeline on generated data: tiny benchmarks, a tiny distillation, 18 evaluations.
+
+    Args:
+        results: results folder.
+        name: the tiny configs to use (``tiny``: SigLIP2-shaped; ``dinov3txt-tiny``: the DINOv3.txt twin).
+    """
     from spar_pl.cli import main
     from spar_pl.data import write_sample_images
     from spar_pl.segdata import write_tiny_benchmarks
 
-    work = results / "table-tiny"
+    work = results / ("table-tiny" if name == "tiny" else f"table-{name}")
     roots = write_tiny_benchmarks(work / "data", images=2)
     write_sample_images(work / "distill-data", 8, seed=0)
-    fit = ["fit", "--config", str(CONFIGS / "distill" / "tiny.yaml"), "--trainer.max_epochs", "2"]
+    fit = ["fit", "--config", str(CONFIGS / "distill" / f"{name}.yaml"), "--trainer.max_epochs", "2"]
     fit += ["--data.init_args.train_source", str(work / "distill-data"), "--data.init_args.val_source", "null"]
     fit += ["--trainer.default_root_dir", str(work / "distill"), "--trainer.enable_progress_bar", "false"]
     main(fit)
     checkpoint = max((work / "distill").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return run_table("tiny", str(checkpoint), str(results), roots)
+    return run_table(name, str(checkpoint), str(results), roots)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "describe_keys",
     "load_checkpoint",
+    "load_state_strict",
     "read_state_dict",
     "sniff_format",
     "strip_layout",
@@ -170,6 +172,34 @@ def _show(keys: list[str]) -> str:
     return (", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")) or "none"
 
 
+def load_state_strict(
+    encoder: nn.Module, state: dict[str, torch.Tensor], source: str, file_keys: Iterable[str] | None = None
+) -> None:
+    """Load ``state`` (the model's names) strictly into ``encoder.model``.
+
+    Raises:
+        CheckpointError: missing or unexpected keys, or mismatched shapes; the message names ``source`` and says
+            which backbone ``file_keys`` (the keys as the file holds them; default: ``state``'s) look like.
+    """
+    expected = set(encoder.model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    lines = [f"{source} does not match model {getattr(encoder, 'model_name', '?')!r}"]
+    family, looks = describe_keys(list(file_keys if file_keys is not None else state))
+    backbone = getattr(encoder, "backbone", None)
+    if family is not None and backbone is not None and not str(backbone).startswith(family):
+        lines.append(f"it looks like {looks}, while backbone {backbone!r} was given")
+    else:
+        lines.append(f"it looks like {looks}")
+    if missing or unexpected:
+        lines.append(f"missing keys: {_show(missing)}; unexpected keys: {_show(unexpected)}")
+        raise CheckpointError("; ".join(lines))
+    try:
+        encoder.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shapes: e.g. a ViT-B file for a ViT-L model
+        lines.append(str(err).replace("\n", " "))
+        raise CheckpointError("; ".join(lines)) from err
+
+
 def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
     """Load a SPAR checkpoint strictly into ``encoder.model`` (any layout of :data:`LAYOUTS`).
 
@@ -180,17 +210,5 @@ def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
         CheckpointError: unreadable, unsafe, or not matching; a mismatch names the backbone the file looks like.
     """
     state = read_state_dict(path)
-    expected = set(encoder.model.state_dict())
-    stripped = encoder.convert_state_dict(strip_layout(state, expected)[0])
-    missing, unexpected = sorted(expected - set(stripped)), sorted(set(stripped) - expected)
-    if missing or unexpected:
-        family, looks = describe_keys(state)
-        backbone = getattr(encoder, "backbone", None)
-        lines = [f"checkpoint {path} does not match model {getattr(encoder, 'model_name', '?')!r}"]
-        if family is not None and backbone is not None and not str(backbone).startswith(family):
-            lines.append(f"it looks like {looks}, while backbone {backbone!r} was given")
-        else:
-            lines.append(f"it looks like {looks}")
-        lines.append(f"missing keys: {_show(missing)}; unexpected keys: {_show(unexpected)}")
-        raise CheckpointError("; ".join(lines))
-    encoder.model.load_state_dict(stripped, strict=True)
+    stripped = strip_layout(state, set(encoder.model.state_dict()))[0]
+    load_state_strict(encoder, encoder.convert_state_dict(stripped), f"checkpoint {path}", state)
