@@ -218,6 +218,7 @@ def test_payload_never_runs_at_any_entry_point(tmp_path, released, payload_cls, 
             assert code == 0, (name, output)
         else:
             assert code != 0 and "refusing to read" in output and "posix.system" in output, (name, output)
+            assert "add_safe_globals" not in output and "weights_only=False" not in output
     try:
         spar_pl.load("siglip2", checkpoint=path, model_name="spar-tiny-sl2", device="cpu")
     except CheckpointError as err:
@@ -240,3 +241,43 @@ def test_payload_never_runs_through_spar_cli_test(tmp_path, released, capsys):
         code, output = run_cli(argv, capsys)
         assert not marker.exists()
         assert (code == 0) == (payload_cls is Payload), output[-2000:]
+
+
+class BuiltinPayload(Payload):
+    """``exec`` through the builtins module: allowlisted as an inert placeholder, never called."""
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.exec, (f"open({self.marker!r}, 'w').write('x')",)
+
+
+def test_builtin_payload_is_inert_and_the_weights_load(tmp_path, released):
+    path, marker = hostile_checkpoint(tmp_path, released[0], BuiltinPayload)
+    torch.manual_seed(3)
+    encoder = build_encoder("siglip2", "spar-tiny-sl2", checkpoint=path)
+    assert not marker.exists()
+    torch.testing.assert_close(encoder.model.visual.trunk.pos_embed, released[1]["visual.trunk.pos_embed"])
+
+
+def test_damaged_files_and_odd_state_dicts(tmp_path, released):
+    data = released[0].read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        read_state_dict(tmp_path / "cut.ckpt")
+    torch.save({"state_dict": {1: torch.zeros(1)}}, tmp_path / "int-keys.ckpt")
+    with pytest.raises(CheckpointError, match="keys are not all names"):
+        read_state_dict(tmp_path / "int-keys.ckpt")
+
+
+def test_weights_option_reads_safely_and_redirects_checkpoints(tmp_path, released, siglip_encoder):
+    with pytest.raises(CheckpointError, match="the authors' SPAR Lightning checkpoint: pass it as the checkpoint"):
+        build_encoder("siglip2", "spar-tiny-sl2", weights=released[0])
+    state = torch.load(released[0], map_location="cpu", weights_only=False)  # our own clean file
+    state["state_dict"] = {k[len("segmentor.net.model.") :]: v for k, v in state["state_dict"].items()}
+    marker = tmp_path / "PWNED"
+    state["hyper_parameters"]["payload"] = Payload(released[0], marker)
+    torch.save(state, tmp_path / "weights.pt")  # open_clip keys, hyper-parameters with a payload
+    encoder = build_encoder("siglip2", "spar-tiny-sl2", weights=tmp_path / "weights.pt")
+    assert not marker.exists()
+    torch.testing.assert_close(encoder.model.visual.trunk.pos_embed, released[1]["visual.trunk.pos_embed"])

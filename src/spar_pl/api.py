@@ -443,12 +443,15 @@ class SPAR:
         except ValueError as err:  # e.g. an image smaller than one patch: say which image
             raise ImageInputError(f"{name}: {err}") from err
 
-    @staticmethod
-    def _check_mode(mode: str, stride: int, modes: Sequence[str]) -> None:
+    def check_mode(self, mode: str, stride: int, modes: Sequence[str], crop: int | None = None) -> None:
+        """Raise ``ValueError`` for an unknown mode, a stride below 1 or a crop that is not a multiple of the patch."""
         if mode not in modes:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(modes)}")
         if mode != "single" and stride < 1:
             raise ValueError(f"the sliding-window stride must be a positive number of pixels, got {stride}")
+        p = self.encoder.patch_size
+        if mode != "single" and crop is not None and (crop < p or crop % p):
+            raise ValueError(f"the sliding-window crop must be a multiple of the {p}px patch, got {crop}")
 
     def features(
         self,
@@ -495,7 +498,7 @@ class SPAR:
 
     def _encoded(self, image, mode, stride, crop, upsample, max_side, dtype) -> tuple[torch.Tensor, dict[str, str]]:
         """Patch-grid features of an image (float32) and the metadata of the run."""
-        self._check_mode(mode, stride, MODES)
+        self.check_mode(mode, stride, MODES, crop)
         pixels, x, name = self._input(image, max_side)
         feats = self._encode(x, name, mode, stride, crop)
         size = tuple(pixels.shape[-2:])
@@ -596,7 +599,7 @@ class SPAR:
                 class names in the metadata), without holding them in memory.
             window_batch: windows per encoder call in the sliding modes.
         """
-        self._check_mode(mode, stride, SEGMENT_MODES)
+        self.check_mode(mode, stride, SEGMENT_MODES, crop)
         head = self.head(classes, logit_scale, prob_thd)  # first: a bad class list fails before any compute
         pixels, x, name = self._input(image, max_side)
         size = tuple(pixels.shape[-2:])

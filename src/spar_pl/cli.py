@@ -319,12 +319,13 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     return parser
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes: Sequence[str]):
+    """The model of ``segment``/``features``; a bad mode, stride or crop stops before any image is read."""
     from spar_pl.api import load
 
     pretrained = args.pretrained if args.pretrained is not None else "default"
     try:
-        return load(
+        model = load(
             args.backbone,
             args.checkpoint,
             args.device,
@@ -336,6 +337,11 @@ def _load_model(args: argparse.Namespace):
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err
+    try:
+        model.check_mode(args.mode, args.stride, modes, args.crop)
+    except ValueError as err:
+        parser.error(str(err))
+    return model
 
 
 def _run_batch(args: argparse.Namespace, work, desc: str) -> int:
@@ -378,8 +384,9 @@ def segment(argv: Sequence[str] | None = None) -> int:
     if len(parsed) > 256:
         parser.error(f"{len(parsed)} classes: the label PNG holds at most 256")
     classes = [", ".join(names) for names in parsed]
-    model = _load_model(args)
-    print(f"{model}: {len(classes)} classes ({'; '.join(classes)}), mode {args.mode}, precision {args.precision}")
+    model = _load_model(args, parser, SEGMENT_MODES)
+    shown = "; ".join(classes[:12]) + (f"; ... ({len(classes) - 12} more)" if len(classes) > 12 else "")
+    print(f"{model}: {len(classes)} classes ({shown}), mode {args.mode}, precision {args.precision}")
 
     def work(path: Path, stem: str) -> None:
         probs_file = Path(args.out) / f"{stem}_probs.safetensors" if args.save_probs else None
@@ -408,7 +415,7 @@ def features(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
     args = parser.parse_args(argv)
-    model = _load_model(args)
+    model = _load_model(args, parser, MODES)
     print(f"{model}: mode {args.mode}, {args.dtype}{', upsampled to the image size' if args.upsample else ''}")
 
     def work(path: Path, stem: str) -> None:

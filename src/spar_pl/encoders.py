@@ -31,7 +31,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict, sniff_format
+from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict
 
 __all__ = [
     "BACKBONES",
@@ -703,18 +703,20 @@ def _build_open_clip(
     if name.startswith("hf-hub:"):
         pretrained = None  # the hub repo holds config and weights
     weights = Path(weights) if weights is not None else None
-    if weights is not None and weights.suffix not in (".npz", ".npy"):
-        sniff_format(weights)  # "not a checkpoint" for an image or random bytes; open_clip reads weights_only=True
+    big_vision = weights is not None and weights.suffix in (".npz", ".npy")  # numpy arrays: nothing is unpickled
+    state = read_state_dict(weights) if weights is not None and not big_vision else None  # safe, before building
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
     fetch = weights is None and checkpoint is None
     try:
         model = open_clip.create_model(
             name, pretrained=pretrained if fetch else None, load_weights=fetch, device=device
         )
-        if weights is not None:
+        if big_vision:
             open_clip.load_checkpoint(model, str(weights), device=device)
     except Exception as err:
         raise RuntimeError(f"could not build open_clip model {name!r} with {source}: {err}") from err
+    if state is not None:
+        _load_open_clip_weights(model, state, weights, name, backbone)
     try:
         tokenizer, tokenizer_error = open_clip.get_tokenizer(name), None
     except Exception as err:  # e.g. a hub tokenizer offline: dense features need none, text says why it failed
@@ -725,6 +727,34 @@ def _build_open_clip(
     encoder.tokenizer_error = tokenizer_error if encoder.tokenizer is None else None
     encoder.model_name = name
     return encoder
+
+
+def _load_open_clip_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str, backbone: str
+) -> None:
+    """Load an open_clip weights file read by :func:`~spar_pl.weights.read_state_dict` strictly into ``model``,
+    with open_clip's own adjustments of its older formats (as ``open_clip.load_checkpoint`` makes them)."""
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    from spar_pl.weights import LAYOUTS, CheckpointError
+
+    prefix = next((p for p in ("segmentor.net.model.", "student.model.") if all(k.startswith(p) for k in state)), None)
+    if prefix is not None:
+        raise CheckpointError(f"{path} is {LAYOUTS[prefix]}: pass it as the checkpoint (--checkpoint), not as weights")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        target = getattr(model, key, None)
+        if key in state and target is not None and state[key].ndim != target.ndim:
+            state[key] = state[key].reshape(target.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+
+    load_state_strict(model, state, f"weights file {path}", name, backbone)
 
 
 DINOTXT_FILES = (
@@ -795,5 +825,5 @@ def build_dinotxt(
                 raise ValueError(f"{role} file {path} is not a {want} file: it looks like {looks}")
             state.update((prefix + k, v) for k, v in tensors.items())
         state = encoder.convert_state_dict(state)
-        load_state_strict(encoder, state, f"weight files {weights} and {head_weights}")
+        load_state_strict(encoder.model, state, f"weight files {weights} and {head_weights}", name, "dinov3txt")
     return encoder.eval()

@@ -126,9 +126,11 @@ class OpenVocabHead(nn.Module):
             model = self.encoder.model
             was_training = model.training
             model.eval()
-            weights = build_zero_shot_classifier(
-                model, self.encoder.tokenizer, self.synonyms, self.templates, num_classes_per_batch=10, device=device
-            )
+            with torch.autocast(device.type, enabled=False):  # the text tower in float32, whatever the encoder runs
+                tokenizer, names, templates = self.encoder.tokenizer, self.synonyms, self.templates
+                weights = build_zero_shot_classifier(
+                    model, tokenizer, names, templates, num_classes_per_batch=10, device=device
+                )
             model.train(was_training)
             self._text_cache[key] = weights.T.to(dtype).contiguous()
         return self._text_cache[key]

@@ -5,9 +5,9 @@ Files users download are untrusted. :func:`read_state_dict` never runs the unres
 * safetensors files are read as they are (recognised by their header, whatever the suffix);
 * PyTorch files (``torch.save`` zip files, and the legacy format) are read with ``weights_only=True``;
   when a file also pickles other objects (a Lightning checkpoint's hyper-parameters, a ``Namespace``, a
-  ``pathlib`` path ...), every global it names that PyTorch does not allow is replaced by an inert
-  placeholder class, so the tensors load and nothing from the file is called. Globals from ``os``, ``sys``,
-  ``posix`` and ``nt`` are refused by PyTorch outright: such a file is reported as unsafe, never read;
+  ``pathlib`` path, or a payload ...), every global it names that PyTorch does not allow is replaced by an
+  inert placeholder class, so the tensors load and nothing from the file is called. Globals from ``os``,
+  ``sys``, ``posix`` and ``nt`` are refused by PyTorch outright: such a file is reported as unsafe, never read;
 * anything else (random bytes, an image) is "not a checkpoint".
 
 :func:`load_checkpoint` then finds the file's layout (:data:`LAYOUTS`): exactly one known prefix carried by
@@ -46,17 +46,16 @@ LAYOUTS: dict[str, str] = {
 
 #: Key fragments that identify a backbone family, checked in order.
 FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("visual_model.backbone.", "dinov3txt", "a DINOv3.txt model"),
+    ("visual_model.backbone.", "dinov3txt", "a DINOv3.txt model (official names)"),
+    ("visual.rope.periods", "dinov3txt", "a DINOv3.txt model"),
     ("visual.trunk.", "siglip2", "a SigLIP2 model (timm trunk)"),
     ("visual.transformer.resblocks.", "maskclip", "an OpenCLIP ViT CLIP model (MaskCLIP)"),
 )
 
 _MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file"}
-_CONVERT = (
-    'if you trust the file, convert it once with: python -c "import torch, safetensors.torch as st; '
-    "sd = torch.load('FILE', weights_only=False); sd = sd.get('state_dict', sd); "
-    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'FILE.safetensors')\" and pass the .safetensors file"
-)
+_CONVERT = "only if you trust the file, convert it once to safetensors (README: Checkpoints and safety) and pass that"
+#: Modules PyTorch's weights-only unpickler never loads from, even allowlisted: files naming them are refused.
+_BLOCKED = ("os", "sys", "posix", "nt")
 
 
 class CheckpointError(ValueError):
@@ -90,6 +89,8 @@ def sniff_format(path: Path) -> str:
         return "legacy"
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 30:
         return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"cannot read checkpoint {path}: a damaged or truncated PyTorch (zip) file")
     what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
     detail = what or ("an empty file" if not head else f"it starts with {head[:8]!r}")
     raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch nor a safetensors file ({detail})")
@@ -99,26 +100,28 @@ def _torch_load(path: Path, kind: str) -> object:
     """``torch.load(weights_only=True)``, with inert placeholders for the non-tensor globals the file pickles."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = err
+    except pickle.UnpicklingError:
+        pass
     if kind != "zip":
-        raise CheckpointError(f"{path}: cannot be read safely (old PyTorch format with objects: {first}); {_CONVERT}")
+        raise CheckpointError(
+            f"{path}: cannot be read safely: an old-format PyTorch file pickling objects besides tensors; {_CONVERT}"
+        )
     try:
         names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception as err:  # a damaged zip, a TorchScript archive
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    blocked = [n for n in names if n.split(".", 1)[0] in ("os", "sys", "posix", "nt", "subprocess", "builtins")]
-    if blocked:
-        # builtins (exec, eval, getattr ...) and the OS modules have no place in a checkpoint: refuse, don't stub
+    blocked = [n for n in names if n.split(".", 1)[0] in _BLOCKED]
+    if blocked:  # PyTorch refuses these modules outright; say so in our words
         raise CheckpointError(
-            f"{path}: refusing to read it: its pickle references {', '.join(blocked)}, which can run code; "
-            f"a checkpoint of weights never needs that. {_CONVERT}"
+            f"{path}: refusing to read it: its pickle calls {', '.join(blocked)}, which runs commands; a checkpoint of "
+            f"weights never needs that. {_CONVERT}"
         )
-    try:
+    try:  # every other global becomes an inert placeholder: stored, never called
         with torch.serialization.safe_globals(_placeholders(names)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: cannot be read safely ({err}); {_CONVERT}") from err
+        reason = str(err).split("\n", 1)[0][:200]
+        raise CheckpointError(f"{path}: cannot be read safely ({reason}); {_CONVERT}") from err
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -146,6 +149,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
+    if not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"checkpoint {path} holds a state dict whose keys are not all names")
     return dict(state)
 
 
@@ -173,19 +178,24 @@ def _show(keys: list[str]) -> str:
 
 
 def load_state_strict(
-    encoder: nn.Module, state: dict[str, torch.Tensor], source: str, file_keys: Iterable[str] | None = None
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    model_name: str = "?",
+    backbone: str | None = None,
+    file_keys: Iterable[str] | None = None,
 ) -> None:
-    """Load ``state`` (the model's names) strictly into ``encoder.model``.
+    """Load ``state`` (the model's names) strictly into ``model``.
 
     Raises:
-        CheckpointError: missing or unexpected keys, or mismatched shapes; the message names ``source`` and says
-            which backbone ``file_keys`` (the keys as the file holds them; default: ``state``'s) look like.
+        CheckpointError: missing or unexpected keys, or mismatched shapes; the message names ``source`` and
+            ``model_name``, and says which backbone ``file_keys`` (the keys as the file holds them; default:
+            ``state``'s) look like, against ``backbone``.
     """
-    expected = set(encoder.model.state_dict())
+    expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    lines = [f"{source} does not match model {getattr(encoder, 'model_name', '?')!r}"]
+    lines = [f"{source} does not match model {model_name!r}"]
     family, looks = describe_keys(list(file_keys if file_keys is not None else state))
-    backbone = getattr(encoder, "backbone", None)
     if family is not None and backbone is not None and not str(backbone).startswith(family):
         lines.append(f"it looks like {looks}, while backbone {backbone!r} was given")
     else:
@@ -194,7 +204,7 @@ def load_state_strict(
         lines.append(f"missing keys: {_show(missing)}; unexpected keys: {_show(unexpected)}")
         raise CheckpointError("; ".join(lines))
     try:
-        encoder.model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shapes: e.g. a ViT-B file for a ViT-L model
         lines.append(str(err).replace("\n", " "))
         raise CheckpointError("; ".join(lines)) from err
@@ -211,4 +221,5 @@ def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
     """
     state = read_state_dict(path)
     stripped = strip_layout(state, set(encoder.model.state_dict()))[0]
-    load_state_strict(encoder, encoder.convert_state_dict(stripped), f"checkpoint {path}", state)
+    name, backbone = getattr(encoder, "model_name", "?"), getattr(encoder, "backbone", None)
+    load_state_strict(encoder.model, encoder.convert_state_dict(stripped), f"checkpoint {path}", name, backbone, state)
