@@ -105,6 +105,24 @@ def test_ranks_see_disjoint_images_in_equal_numbers(images):
     assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 6
 
 
+def test_order_changes_every_epoch_and_every_image_is_seen_under_ddp(tmp_path):
+    """7 images on 2 ranks (3 each per epoch): the split dataset follows the epoch, so the order changes and the
+    image a rank leaves out is a different one each epoch."""
+    write_sample_images(tmp_path, 7, seed=3, size=(32, 48))
+    ranks = [StreamingImages(str(tmp_path), 3, rank=r, world_size=2, shuffle_buffer=4) for r in (0, 1)]
+    orders, seen = [], set()
+    for epoch in range(4):
+        ids = []
+        for ds in ranks:
+            ds.set_epoch(epoch)
+            ids.append([s["id"] for s in ds])
+        assert len(ids[0]) == len(ids[1]) == 3 and not set(ids[0]) & set(ids[1])
+        orders.append(ids[0] + ids[1])
+        seen.update(orders[-1])
+    assert len({tuple(o) for o in orders}) == 4  # a new order every epoch
+    assert len(seen) == 7  # no image left out of training for good
+
+
 def test_corrupt_image_is_skipped_named_and_counted(images, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -179,21 +197,72 @@ def test_checkpoint_has_no_teacher_and_export_loads(images, tmp_path):
         torch.testing.assert_close(encoder(x), module.student(x))
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(images, tmp_path):
-    def final_weights(root):
-        newest = max(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-        ckpt = torch.load(newest, map_location="cpu", weights_only=True)
-        return ckpt["state_dict"], ckpt["global_step"]
+def final_weights(root):
+    found = list(root.rglob("last.ckpt"))
+    assert len(found) == 1, found  # one run folder: the resumed run continued in it
+    ckpt = torch.load(found[0], map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
 
-    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2"))
-    main(fit_args(images, tmp_path / "resumed", "--trainer.max_epochs", "1"))
-    last = next((tmp_path / "resumed").rglob("last.ckpt"))
-    main(fit_args(images, tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(last)))
+
+def trained_ids(folder):
+    return [line.split() for line in (folder / "rank0.txt").read_text().splitlines()]
+
+
+def record(folder):
+    return ["--trainer.callbacks+=tests.helpers.RecordIds", f"--trainer.callbacks.out={folder}"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+FRESH_WORKERS = ("--data.init_args.mode", "fresh", "--data.init_args.num_workers", "2")
+
+
+def test_ckpt_path_last_resumes_in_the_same_root(images, tmp_path, monkeypatch):
+    """The README's resume command (``spar-cli fit --config CFG --ckpt_path last``) continues the last run, with
+    loader workers and a new augmentation every epoch (workers start before the epoch hook)."""
+    monkeypatch.chdir(ROOT)  # tests.helpers importable by the CLI
+    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *FRESH_WORKERS, *record(tmp_path / "a")))
+    root = tmp_path / "resumed"
+    main(fit_args(images, root, "--trainer.max_epochs", "1", *FRESH_WORKERS, *record(tmp_path / "b")))
+    main(
+        fit_args(
+            images, root, "--trainer.max_epochs", "2", *FRESH_WORKERS, *record(tmp_path / "b"), "--ckpt_path", "last"
+        )
+    )
     straight, step_a = final_weights(tmp_path / "straight")
-    resumed, step_b = final_weights(tmp_path / "resumed")
+    resumed, step_b = final_weights(root)
     assert step_a == step_b == 12
-    for k in straight:
-        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+    assert trained_ids(tmp_path / "b") == trained_ids(tmp_path / "a")
+    assert_same_weights(straight, resumed)
+    assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
+    rows = (root / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("train/loss_epoch")
+    assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2  # both epochs' losses in the run's one metrics.csv
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers):
+    """last.ckpt every 4 steps (tiny.yaml): a run killed at step 5 of a 6-step epoch resumes from step 4 and trains
+    on exactly the images, crops and order of an uninterrupted run, ending with equal weights."""
+    monkeypatch.chdir(ROOT)
+    data = ("--data.init_args.mode", "fresh", "--data.init_args.num_workers", str(workers))
+    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *data, *record(tmp_path / "a")))
+    root = tmp_path / "resumed"
+    stop = ["--trainer.callbacks+=tests.helpers.Interrupt", "--trainer.callbacks.step=5"]
+    with pytest.raises(RuntimeError, match="interrupted at step 5"):
+        main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "b"), *stop))
+    assert torch.load(next(root.rglob("last.ckpt")), weights_only=True)["global_step"] == 4
+    main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "c"), "--ckpt_path", "last"))
+    straight, resumed = trained_ids(tmp_path / "a"), trained_ids(tmp_path / "c")
+    assert trained_ids(tmp_path / "b")[:4] == straight[:4]
+    assert resumed == straight[4:]  # steps 4.. again, nothing replayed or skipped
+    (a, step_a), (b, step_b) = final_weights(tmp_path / "straight"), final_weights(root)
+    assert step_a == step_b == 12
+    assert_same_weights(a, b)
 
 
 @pytest.mark.slow

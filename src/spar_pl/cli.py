@@ -17,8 +17,11 @@ images; ``spar-cli features IMAGE_OR_DIR... --out DIR`` writes dense features as
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder, read_state_dict
+from spar_pl.fileio import write_text
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.sliding import SlidingWindowTeacher
@@ -398,12 +402,42 @@ COMMANDS = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+def continue_last_run(trainer) -> Path | None:
+    """Make ``--ckpt_path last`` resume in the same root: point the trainer's logger at the run (version folder)
+    holding the newest ``last*.ckpt``, so Lightning finds that checkpoint and the run's logs and checkpoints continue
+    in the same folder. Returns the checkpoint, or ``None`` (a logger with an explicit version, or no run yet)."""
+    logger = trainer.logger
+    if logger is None or getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir"):
+        return None
+    found = [p for p in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt") if p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    logger._version = newest.parents[1].name  # loggers read their version lazily: set before the first use
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    if trainer.is_global_zero and metrics.is_file():
+        # the CSV logger deletes a run folder's metrics.csv when it opens it: keep the run's history, append to it
+        text = metrics.read_text(encoding="utf-8")
+        writer = logger.experiment  # opening it removed the file
+        if hasattr(writer, "metrics_keys"):
+            write_text(metrics, text)
+            writer.metrics_keys = list(csv.DictReader(io.StringIO(text)).fieldnames or [])
+    return newest
+
+
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    return LightningCLI(
+    class SparCLI(LightningCLI):
+        def before_fit(self) -> None:
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                continue_last_run(self.trainer)
+
+    return SparCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -13,6 +13,7 @@ import warnings
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from spar_pl.cache import TeacherCache, weights_identity
 from spar_pl.encoders import DenseEncoder, build_encoder
@@ -165,3 +166,33 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps and at every epoch's end: what ``--ckpt_path last`` resumes.
+
+    A long epoch is not lost to a stop mid-epoch: the checkpoint holds the training loader's position
+    (:class:`~spar_pl.data.ResumableLoader`), so a resumed run continues with the next image. Lightning's
+    ``ModelCheckpoint`` takes either a step or an epoch interval, not both; this one does both and keeps no other
+    file.
+
+    Args:
+        every_n_train_steps: steps between mid-epoch checkpoints (0: at epoch ends only).
+        dirpath: the checkpoint folder (default: the logger's run folder, ``.../version_N/checkpoints``).
+    """
+
+    def __init__(self, every_n_train_steps: int = 1000, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps or None,
+            every_n_epochs=None if every_n_train_steps else 1,
+            save_on_train_epoch_end=True,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step that was just saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
