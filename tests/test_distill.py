@@ -138,6 +138,64 @@ def test_corrupt_image_is_skipped_named_and_counted(images, tmp_path):
     assert ds.skipped.value == 1
 
 
+def test_augmentation_caps_extreme_aspect_ratios():
+    cfg = PRESETS["paper"]
+    with pytest.raises(ValueError, match="extreme aspect ratio 4000x16"):
+        augment_params(16, 4000, image_rng(0, "strip"), cfg)
+    for k in range(20):  # 300x2000 upscales to 512x3413: the crop keeps at most the box's long side
+        p = augment_params(300, 2000, image_rng(k, "wide"), cfg)
+        x0, y0, x1, y1 = p["box"]
+        assert y1 - y0 == 512 and x1 - x0 <= 2048
+
+
+def test_bad_images_are_skipped_and_the_count_matches_the_names(images, tmp_path, monkeypatch):
+    """A decompression bomb, an extreme strip and (unaugmented, as validation) an image under one patch: each is
+    skipped, named once and counted once, and the stream still delivers its quota."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((images / "train").iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    Image.new("RGB", (600, 500)).save(folder / "bomb.png")  # 300K pixels, over twice the limit set below
+    Image.new("RGB", (4000, 16)).save(folder / "strip.png")
+    Image.new("RGB", (12, 40)).save(folder / "tiny.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    small = AugmentConfig(box=(256, 128), min_side=64)
+    for augmentation, bad in ((small, {"bomb.png", "strip.png"}), (None, {"bomb.png", "tiny.png"})):
+        ds = StreamingImages(str(folder), 6, augmentation=augmentation, shuffle_buffer=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [s["id"] for s in ds]
+        named = [
+            name for w in caught for name in ("bomb.png", "strip.png", "tiny.png") if f"{name} in" in str(w.message)
+        ]
+        assert len(got) == 6 and not set(got) & bad  # the quota is filled from the readable images
+        assert sorted(named) == sorted(bad) and ds.skipped.value == len(bad)
+
+
+@pytest.mark.slow
+def test_fit_survives_bad_images(images, tmp_path, monkeypatch):
+    from PIL import Image
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder, source in ((train, images / "train"), (val, images / "val")):
+        folder.mkdir()
+        for p in sorted(source.iterdir()):
+            (folder / p.name).write_bytes(p.read_bytes())
+    Image.new("RGB", (600, 500)).save(train / "bomb.png")
+    Image.new("RGB", (4000, 16)).save(train / "strip.png")
+    Image.new("RGB", (15, 15)).save(val / "tiny.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    args = fit_args(images, tmp_path / "run", "--trainer.max_epochs", "1", "--data.init_args.num_images", "8")
+    args[args.index(str(images / "train"))] = str(train)
+    args[args.index(str(images / "val"))] = str(val)
+    main(args)
+    rows = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()
+    col = rows[0].split(",").index("train/skipped_images")
+    assert [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]] == [2.0]
+
+
 class LossRecorder(L.Callback):
     def __init__(self):
         self.losses = []
