@@ -218,48 +218,37 @@ def tiny_data(argv: Sequence[str] | None = None) -> None:
 
 def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     """``spar-cli cache --config CFG [overrides]``: run the teacher once over the training set into
-    ``model.teacher_cache`` (resumable: valid entries are skipped; corrupt or stale ones are recomputed)."""
-    from tqdm import tqdm
+    ``model.teacher_cache`` with the config's trainer: its device(s), strategy (DDP over ``devices`` x ``num_nodes``,
+    each rank a disjoint share of the images) and precision. Resumable: valid entries are kept after a header check;
+    missing, corrupt or stale ones are computed. One summary for the whole job."""
+    from spar_pl.distill import CacheWriter, TeacherCacheTask
 
     cli = lightning_cli(list(argv or []), run=False)
-    module, datamodule = cli.model, cli.datamodule
-    if not getattr(module.hparams, "teacher_cache", None):
-        raise SystemExit("set --model.init_args.teacher_cache DIR (or teacher_cache in the config)")
-    trainer = cli.trainer  # its device and precision: the cache is computed as training would compute it
-    device = trainer.strategy.root_device
-    module.to(device)
-    store = module.open_cache(datamodule, trainer.precision)
-    dataset = datamodule.training_stream()
-    dataset.set_epoch(0)
-    p = module.student.patch_size
-    written = kept = 0
-    file_bytes = elements = 0
-    for sample in tqdm(dataset, total=len(dataset), desc="teacher cache", unit="img"):
-        image = sample["image"][None].to(device)
-        shape = (image.shape[-2] // p, image.shape[-1] // p)
-        if store.load(sample["id"], shape) is not None:
-            kept += 1
-        else:
-            with trainer.precision_plugin.forward_context():  # the same autocast as the in-step teacher
-                feats = module.teacher_features(module.student.normalize(image))[0]
-            store.save(sample["id"], feats)
-            written += 1
-        file_bytes += store.path(sample["id"]).stat().st_size
-        elements += module.student.embed_dim * shape[0] * shape[1]
-    n = max(written + kept, 1)
+    task = TeacherCacheTask(cli.model, cli.datamodule)
+    trainer = cli.trainer
+    writer = CacheWriter()
+    trainer.callbacks.append(writer)
+    trainer.predict(task, return_predictions=False)
+    totals = writer.totals
+    n = max(totals["written"] + totals["kept"], 1)
     numbers = {
-        "written": written,
-        "kept": kept,
-        "recomputed": store.rejected,
-        "bytes_per_image": file_bytes / n,
-        "float32_bytes_per_image": 4 * elements / n,
+        **{k: totals[k] for k in ("written", "kept", "recomputed", "skipped")},
+        "bytes_per_image": totals["bytes"] / n,
+        "float32_bytes_per_image": totals["float32_bytes"] / n,
+        "per_rank_written": [r["written"] for r in writer.per_rank],
     }
-    print(
-        f"cache {store.root}: {written} written, {kept} already valid, {store.rejected} corrupt or stale recomputed; "
-        f"{numbers['bytes_per_image']:,.0f} bytes per image as float16 safetensors against "
-        f"{numbers['float32_bytes_per_image']:,.0f} for the raw float32 features "
-        f"({numbers['bytes_per_image'] / max(numbers['float32_bytes_per_image'], 1):.2f}x)"
-    )
+    if trainer.is_global_zero:
+        written = ", ".join(str(w) for w in numbers["per_rank_written"])
+        per_rank = (
+            f" over {len(writer.per_rank)} ranks (written per rank: {written})" if len(writer.per_rank) > 1 else ""
+        )
+        print(
+            f"cache {task.store.root}: {totals['written']} written, {totals['kept']} already valid, "
+            f"{totals['recomputed']} corrupt or stale recomputed, {totals['skipped']} unusable images skipped (named "
+            f"above){per_rank}; {numbers['bytes_per_image']:,.0f} bytes per image "
+            f"as float16 safetensors against {numbers['float32_bytes_per_image']:,.0f} for the raw float32 features "
+            f"({numbers['bytes_per_image'] / max(numbers['float32_bytes_per_image'], 1):.2f}x)"
+        )
     return numbers
 
 

@@ -203,7 +203,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
     Args:
         source: see :func:`open_source`.
-        per_rank: samples this rank yields per epoch.
+        per_rank: samples this rank yields per epoch; ``None``: one pass over this rank's share, each usable
+            image exactly once (``spar-cli cache``: the ranks' shares are disjoint and cover the source).
         rank: this rank; world_size: number of ranks.
         augmentation: an :class:`AugmentConfig`, or ``None`` for none (images floored to ``multiple``).
         mode: ``fixed`` (augmentation fixed per image id and seed, as the paper's offline augmentation) or
@@ -215,7 +216,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
     def __init__(
         self,
         source: str,
-        per_rank: int,
+        per_rank: int | None,
         rank: int = 0,
         world_size: int = 1,
         augmentation: AugmentConfig | None = None,
@@ -236,6 +237,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
 
     def __len__(self) -> int:
+        if self.per_rank is None:
+            raise TypeError("a one-pass stream has no length known in advance")
         return self.per_rank
 
     def set_epoch(self, epoch: int) -> None:
@@ -298,6 +301,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.per_rank is None:  # one pass; datasets hands each loader worker its own shards
+            return (s for s in self._stream(self.epoch * 1000, 0, set()) if s is not None)
         quotas = self.worker_quotas(num_workers)
         if worker >= len(quotas):
             return iter(())
@@ -491,6 +496,17 @@ class DistillDataModule(L.LightningDataModule):
     def training_stream(self) -> StreamingImages:
         """The augmented training stream of this rank."""
         return self._dataset(self.hparams.train_source, self.hparams.num_images, train=True)
+
+    def cache_dataloader(self) -> torch.utils.data.DataLoader:
+        """The training images with their training augmentation, for ``spar-cli cache``: one pass over this rank's
+        share (the ranks' shares are disjoint and cover the source), in source order, batch size 1."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        hp = self.hparams
+        stream = StreamingImages(
+            hp.train_source, None, rank, world, self.augmentation, hp.mode, hp.seed, shuffle_buffer=0
+        )
+        return torch.utils.data.DataLoader(stream, batch_size=1, num_workers=hp.num_workers, collate_fn=_collate_eval)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
