@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -320,6 +322,7 @@ def segment(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prob-thd", type=float, default=0.0, help="pixels scoring below this become class 0")
     parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.safetensors (K, H, W)")
     args = parser.parse_args(argv)
+    check_writable(args.out, "output folder (--out)")
     try:
         parsed = resolve_classes(split_class_names(args.classes) if args.classes is not None else args.classes_file)
     except (OSError, ValueError) as err:
@@ -354,6 +357,7 @@ def features(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
     args = parser.parse_args(argv)
+    check_writable(args.out, "output folder (--out)")
     model = _load_model(args)
     print(f"{model}: mode {args.mode}, {args.dtype}{', upsampled to the image size' if args.upsample else ''}")
 
@@ -376,6 +380,12 @@ def table(argv: Sequence[str] | None = None) -> str:
     """``spar-cli table --backbone B [--ckpt C] [--tiny]``: the paper's table (``evaluate.table_command``)."""
     from spar_pl.evaluate import table_command
 
+    results = argparse.ArgumentParser(add_help=False)
+    results.add_argument("--results", default="results")
+    results.add_argument("--render-only", action="store_true")
+    known, _ = results.parse_known_args(argv)
+    if not known.render_only:  # a finished evaluation must not be lost to a folder it cannot write
+        check_writable(known.results, "results folder (--results)")
     return table_command(argv)
 
 
@@ -389,6 +399,43 @@ COMMANDS = {
     "table": table,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
+    temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
+    ``NotADirectoryError``/``PermissionError`` naming it."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{what} {folder} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise PermissionError(f"{what} {folder} is not writable ({err.strerror or err})") from err
+        return folder
+    parent = folder.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        reason = "is a file" if not parent.is_dir() else "is not writable"
+        raise PermissionError(f"{what} {folder} cannot be created: {parent} {reason}")
+    return folder
+
+
+def check_output_folders(trainer, model) -> None:
+    """Check the run's output folders before any work: the logs and checkpoints (``default_root_dir``, the logger's
+    folder), evaluation results (``results_dir``) and a teacher cache."""
+    check_writable(trainer.default_root_dir, "output folder (trainer.default_root_dir)")
+    for logger in trainer.loggers:
+        if getattr(logger, "save_dir", None):
+            check_writable(logger.save_dir, "log folder")
+    hparams = getattr(model, "hparams", {})
+    if hparams.get("results_dir"):
+        check_writable(hparams["results_dir"], "results folder (model.init_args.results_dir)")
+    if hparams.get("teacher_cache"):
+        check_writable(hparams["teacher_cache"], "teacher cache folder (model.init_args.teacher_cache)")
 
 
 def continue_last_run(trainer) -> Path | None:
@@ -423,8 +470,14 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
 
     class SparCLI(LightningCLI):
         def before_fit(self) -> None:
+            check_output_folders(self.trainer, self.model)
             if self.config_init[self.subcommand].get("ckpt_path") == "last":
                 continue_last_run(self.trainer)
+
+        def before_validate(self) -> None:
+            check_output_folders(self.trainer, self.model)
+
+        before_test = before_predict = before_validate
 
     return SparCLI(
         L.LightningModule,
@@ -442,17 +495,49 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
     )
 
 
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+_UNION_DUMP = "Does not validate against any of the Union subtypes"
+
+
+def user_message(err: BaseException) -> str:
+    """One line for an ordinary mistake: jsonargparse's dump of a failed class instantiation ("Union subtypes")
+    is replaced by the error that caused it (a checkpoint that does not match, a missing file, ...)."""
+    while _UNION_DUMP in str(err) and err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    if _UNION_DUMP in text:  # no cause attached: its "Errors:" list holds the reasons
+        reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        text = reasons[0] if reasons else text.splitlines()[0]
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``spar-cli``."""
+    """Entry point of ``spar-cli``. An ordinary user error (a missing or unreadable file or folder, a value out of
+    range, a checkpoint that does not match) prints one line naming it on stderr and exits with status 1."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        lightning_cli(args)
-        return
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
+    names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
+    if not argv or argv[0] in ("-h", "--help"):
         print("usage: spar-cli {" + names + "} [options]\n\n" + __doc__.strip())
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+        raise SystemExit(0)
+    command = argv[0]
+    if command not in LIGHTNING_COMMANDS and command not in COMMANDS:
+        print(f"spar-cli: unknown command {command!r}; choose from {{{names}}} (spar-cli --help)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        if command in LIGHTNING_COMMANDS:
+            lightning_cli(args)
+        else:
+            COMMANDS[command](argv[1:])
+    except USER_ERRORS as err:
+        print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # argparse / jsonargparse usage errors and plain exits
+            raise
+        print(f"spar-cli {command}: error: {exc.code}", file=sys.stderr)  # a message the command raised
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -132,10 +132,14 @@ def open_source(source: str, split: str = "train"):
         features = Features({"image": ImageFeature(decode=False), "__key__": Value("string")})
         kwargs = {"files": files, "root": str(path)}
         ds = IterableDataset.from_generator(_folder_records, features=features, gen_kwargs=kwargs)
-    elif source.endswith(".parquet"):
-        ds = load_dataset("parquet", data_files={split: source}, split=split, streaming=True)
-    elif source.endswith(".tar"):
-        ds = load_dataset("webdataset", data_files={split: source}, split=split, streaming=True)
+    elif source.endswith((".parquet", ".tar")):
+        builder = "parquet" if source.endswith(".parquet") else "webdataset"
+        try:
+            ds = load_dataset(builder, data_files={split: source}, split=split, streaming=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a damaged shard: name it
+            raise ValueError(f"cannot read image source {source} ({builder}): {err}") from err
     else:
         try:
             ds = load_dataset(source, split=split, streaming=True)
@@ -482,7 +486,7 @@ class DistillDataModule(L.LightningDataModule):
         if count < world:  # a rank without images would leave the others waiting in collective calls
             raise ValueError(f"{source}: {count} images cannot feed {world} ranks")
         hp = self.hparams
-        return StreamingImages(
+        stream = StreamingImages(
             source,
             per_rank,
             rank,
@@ -492,6 +496,8 @@ class DistillDataModule(L.LightningDataModule):
             seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer if train else 0,
         )
+        stream.worker_quotas(hp.num_workers)  # open the source now: a missing or damaged one is an error in setup
+        return stream
 
     def training_stream(self) -> StreamingImages:
         """The augmented training stream of this rank."""
