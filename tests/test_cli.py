@@ -91,3 +91,29 @@ def test_user_errors_are_one_line_and_exit_non_zero(tmp_path, capsys):
         assert len(lines) == 1 and expected in lines[0], (args, err[-2000:])
         assert "Traceback" not in err and "Union subtypes" not in err, (args, err[-2000:])
     assert not list((tmp_path / "run").rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no work done
+
+
+@pytest.mark.slow
+def test_console_is_quiet_and_each_line_once(tmp_path):
+    """A fit prints each log line once (no second root handler), no tips, no open_clip "No pretrained weights"
+    line, no known-noise warnings; the progress bar shows small losses in 3 significant digits."""
+    import subprocess
+    import sys
+
+    write_sample_images(tmp_path / "imgs", 2, seed=0, size=(48, 64))
+    args = [*TINY_FIT, "--data.init_args.train_source", str(tmp_path / "imgs"), "--trainer.fast_dev_run", "true"]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "spar_pl.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    logged = [line for line in lines if line.startswith(("INFO", "WARNING"))]
+    assert len(logged) == len(set(logged)), logged
+    text = "\n".join(lines)
+    for noise in ("Tip:", "No pretrained weights", "INFO:lightning", "tensorboardX", "LeafSpec", "GPU available"):
+        assert noise not in text, (noise, text[-2000:])
+    from spar_pl.cli import lightning_cli
+
+    cli = lightning_cli(args[1:], run=False)
+    assert cli.trainer.progress_bar_callback.theme.metrics_format == ".3g"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -401,6 +402,47 @@ COMMANDS = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+# Known noise: advertisements, facts a user did not ask about, warnings about internals that do not apply here.
+_NOISE_LOGS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "No pretrained weights loaded")
+_NOISE_WARNINGS = (
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # the CSV logger is what this project uses
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning
+    r"LightningCLI's args parameter is intended to run from within Python",  # quickstart/table run it in-process
+    r"Your `IterableDataset` has `__len__` defined",  # StreamingImages' length is exact per rank and worker
+)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in _NOISE_LOGS)
+
+
+def configure_console() -> None:
+    """A quiet, truthful console for ``spar-cli``: each log line once, known noise dropped.
+
+    Lightning prints its INFO lines through its own handlers; a root handler (which ``logging.warning`` in a library
+    would otherwise create with ``basicConfig``, printing every Lightning line a second time) shows warnings and
+    errors only. open_clip's "No pretrained weights loaded" is dropped: the tiny models are random by design (the
+    commands say so) and a SPAR checkpoint or weights file is loaded after it.
+    """
+    root = logging.getLogger()
+    if not any(getattr(h, "spar_console", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.spar_console = True
+        root.addHandler(handler)
+    if _not_noise not in root.filters:
+        root.addFilter(_not_noise)
+    import lightning.pytorch  # noqa: F401  (its handlers exist once it is imported)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if _not_noise not in handler.filters:
+                handler.addFilter(_not_noise)
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def check_writable(folder: str | Path, what: str) -> Path:
     """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
     temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
@@ -469,6 +511,13 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     class SparCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            theme = getattr(trainer.progress_bar_callback, "theme", None)
+            if theme is not None and getattr(theme, "metrics_format", None) == ".3f":
+                theme.metrics_format = ".3g"  # a feature MSE of 6e-05 is not "0.000"
+            return trainer
+
         def before_fit(self) -> None:
             check_output_folders(self.trainer, self.model)
             if self.config_init[self.subcommand].get("ckpt_path") == "last":
@@ -522,6 +571,7 @@ def main(args: Sequence[str] | None = None) -> None:
         print("usage: spar-cli {" + names + "} [options]\n\n" + __doc__.strip())
         raise SystemExit(0)
     command = argv[0]
+    configure_console()
     if command not in LIGHTNING_COMMANDS and command not in COMMANDS:
         print(f"spar-cli: unknown command {command!r}; choose from {{{names}}} (spar-cli --help)", file=sys.stderr)
         raise SystemExit(2)
