@@ -302,7 +302,8 @@ def test_ckpt_path_last_resumes_in_the_same_root(images, tmp_path, monkeypatch):
     assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2  # both epochs' losses in the run's one metrics.csv
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
 def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers):
     """last.ckpt every 4 steps (tiny.yaml): a run killed at step 5 of a 6-step epoch resumes from step 4 and trains
     on exactly the images, crops and order of an uninterrupted run, ending with equal weights."""
