@@ -784,7 +784,7 @@ class Bench:
 
             def write_cache() -> None:
                 for i, f in enumerate(feats):
-                    cache.save(f"img{i}", f)
+                    cache.save(f"img{i}", "bench", f)
 
             def write_pickle() -> None:
                 for i, f in enumerate(feats):
@@ -793,7 +793,7 @@ class Bench:
 
             def read_cache() -> None:
                 for i in range(n):
-                    if cache.load(f"img{i}", shape[1:]) is None:
+                    if cache.load(f"img{i}", "bench", shape[1:]) is None:
                         raise RuntimeError("cache entry rejected")
 
             def read_pickle() -> None:

@@ -15,3 +15,14 @@ class RecordIds(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         with (self.out / f"rank{trainer.global_rank}.txt").open("a") as fh:
             fh.writelines(f"{trainer.current_epoch} {i}\n" for i in batch["id"])
+
+
+class Interrupt(L.Callback):
+    """Stop a run with an error at the start of global step ``step``, as a crash or a killed job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"interrupted at step {self.step}")

@@ -1,8 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from spar_pl.cli import main, quickstart
+from spar_pl.data import write_sample_images
 
 
 def test_quickstart_writes_overlays(tmp_path, capsys):
@@ -34,4 +37,83 @@ def test_quickstart_on_a_user_image_and_bad_image(tmp_path):
 def test_main_usage(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["nope"])
-    assert exc.value.code == 2 and "quickstart" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown command 'nope'" in err and "quickstart" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "quickstart" in capsys.readouterr().out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FIT = ["fit", "--config", str(ROOT / "configs/distill/tiny.yaml"), "--data.init_args.val_source", "null"]
+TINY_TEST = [
+    "test",
+    "--config",
+    str(ROOT / "configs/eval/voc21.yaml"),
+    "--config",
+    str(ROOT / "configs/backbones/tiny.yaml"),
+]
+
+
+def user_errors(tmp):
+    """(arguments, text the one line must contain) for ordinary mistakes."""
+    (tmp / "file").write_text("not a folder")
+    (tmp / "bad.ckpt").write_bytes(b"junk")
+    (tmp / "bad.parquet").write_bytes(b"not parquet")
+    write_sample_images(tmp / "imgs", 2, seed=0, size=(48, 64))
+    imgs = ["--data.init_args.train_source", str(tmp / "imgs"), "--trainer.default_root_dir", str(tmp / "run")]
+    return [
+        ([*TINY_FIT, "--data.init_args.train_source", str(tmp / "missing")], "missing"),
+        (
+            [*TINY_FIT, "--data.init_args.train_source", str(tmp / "bad.parquet"), "--data.init_args.num_images", "2"],
+            "bad.parquet",
+        ),
+        ([*TINY_FIT, *imgs, "--trainer.default_root_dir", str(tmp / "file" / "out")], "file/out cannot be created"),
+        ([*TINY_FIT, *imgs, "--model.init_args.stride", "0"], "stride=0"),
+        ([*TINY_TEST, "--model.init_args.checkpoint", str(tmp / "bad.ckpt")], "bad.ckpt is not a checkpoint"),
+        ([*TINY_TEST, "--model.init_args.results_dir", str(tmp / "file" / "r")], "file/r cannot be created"),
+        (["cache", *TINY_FIT[1:], *imgs, "--model.init_args.teacher_cache", str(tmp / "file" / "c")], "file/c"),
+        (["export", str(tmp / "bad.ckpt"), str(tmp / "x.safetensors")], "bad.ckpt"),
+        (["table", "--render-only", "--results", str(tmp / "none")], "none/siglip2.json"),
+        (["table", "--tiny", "--results", str(tmp / "file")], "results folder (--results)"),
+        (["segment", str(tmp / "imgs"), "--classes", "a, b", "--out", str(tmp / "file")], "is a file, not a folder"),
+    ]
+
+
+def test_user_errors_are_one_line_and_exit_non_zero(tmp_path, capsys):
+    for args, expected in user_errors(tmp_path):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith(("spar-cli", "cannot"))]
+        assert exc.value.code not in (0, None), args
+        assert len(lines) == 1 and expected in lines[0], (args, err[-2000:])
+        assert "Traceback" not in err and "Union subtypes" not in err, (args, err[-2000:])
+    assert not list((tmp_path / "run").rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no work done
+
+
+@pytest.mark.slow
+def test_console_is_quiet_and_each_line_once(tmp_path):
+    """A fit prints each log line once (no second root handler), no tips, no open_clip "No pretrained weights"
+    line, no known-noise warnings; the progress bar shows small losses in 3 significant digits."""
+    import subprocess
+    import sys
+
+    write_sample_images(tmp_path / "imgs", 2, seed=0, size=(48, 64))
+    args = [*TINY_FIT, "--data.init_args.train_source", str(tmp_path / "imgs"), "--trainer.fast_dev_run", "true"]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "spar_pl.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    logged = [line for line in lines if line.startswith(("INFO", "WARNING"))]
+    assert len(logged) == len(set(logged)), logged
+    text = "\n".join(lines)
+    for noise in ("Tip:", "No pretrained weights", "INFO:lightning", "tensorboardX", "LeafSpec", "GPU available"):
+        assert noise not in text, (noise, text[-2000:])
+    from spar_pl.cli import lightning_cli
+
+    cli = lightning_cli(args[1:], run=False)
+    assert cli.trainer.progress_bar_callback.theme.metrics_format == ".3g"

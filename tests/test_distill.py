@@ -105,6 +105,24 @@ def test_ranks_see_disjoint_images_in_equal_numbers(images):
     assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 6
 
 
+def test_order_changes_every_epoch_and_every_image_is_seen_under_ddp(tmp_path):
+    """7 images on 2 ranks (3 each per epoch): the split dataset follows the epoch, so the order changes and the
+    image a rank leaves out is a different one each epoch."""
+    write_sample_images(tmp_path, 7, seed=3, size=(32, 48))
+    ranks = [StreamingImages(str(tmp_path), 3, rank=r, world_size=2, shuffle_buffer=4) for r in (0, 1)]
+    orders, seen = [], set()
+    for epoch in range(4):
+        ids = []
+        for ds in ranks:
+            ds.set_epoch(epoch)
+            ids.append([s["id"] for s in ds])
+        assert len(ids[0]) == len(ids[1]) == 3 and not set(ids[0]) & set(ids[1])
+        orders.append(ids[0] + ids[1])
+        seen.update(orders[-1])
+    assert len({tuple(o) for o in orders}) == 4  # a new order every epoch
+    assert len(seen) == 7  # no image left out of training for good
+
+
 def test_corrupt_image_is_skipped_named_and_counted(images, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -118,6 +136,64 @@ def test_corrupt_image_is_skipped_named_and_counted(images, tmp_path):
     assert len(got) == 3 and "broken.jpg" not in got
     assert any("broken.jpg" in str(w.message) for w in caught)
     assert ds.skipped.value == 1
+
+
+def test_augmentation_caps_extreme_aspect_ratios():
+    cfg = PRESETS["paper"]
+    with pytest.raises(ValueError, match="extreme aspect ratio 4000x16"):
+        augment_params(16, 4000, image_rng(0, "strip"), cfg)
+    for k in range(20):  # 300x2000 upscales to 512x3413: the crop keeps at most the box's long side
+        p = augment_params(300, 2000, image_rng(k, "wide"), cfg)
+        x0, y0, x1, y1 = p["box"]
+        assert y1 - y0 == 512 and x1 - x0 <= 2048
+
+
+def test_bad_images_are_skipped_and_the_count_matches_the_names(images, tmp_path, monkeypatch):
+    """A decompression bomb, an extreme strip and (unaugmented, as validation) an image under one patch: each is
+    skipped, named once and counted once, and the stream still delivers its quota."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((images / "train").iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    Image.new("RGB", (600, 500)).save(folder / "bomb.png")  # 300K pixels, over twice the limit set below
+    Image.new("RGB", (4000, 16)).save(folder / "strip.png")
+    Image.new("RGB", (12, 40)).save(folder / "tiny.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    small = AugmentConfig(box=(256, 128), min_side=64)
+    for augmentation, bad in ((small, {"bomb.png", "strip.png"}), (None, {"bomb.png", "tiny.png"})):
+        ds = StreamingImages(str(folder), 6, augmentation=augmentation, shuffle_buffer=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [s["id"] for s in ds]
+        named = [
+            name for w in caught for name in ("bomb.png", "strip.png", "tiny.png") if f"{name} in" in str(w.message)
+        ]
+        assert len(got) == 6 and not set(got) & bad  # the quota is filled from the readable images
+        assert sorted(named) == sorted(bad) and ds.skipped.value == len(bad)
+
+
+@pytest.mark.slow
+def test_fit_survives_bad_images(images, tmp_path, monkeypatch):
+    from PIL import Image
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder, source in ((train, images / "train"), (val, images / "val")):
+        folder.mkdir()
+        for p in sorted(source.iterdir()):
+            (folder / p.name).write_bytes(p.read_bytes())
+    Image.new("RGB", (600, 500)).save(train / "bomb.png")
+    Image.new("RGB", (4000, 16)).save(train / "strip.png")
+    Image.new("RGB", (15, 15)).save(val / "tiny.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    args = fit_args(images, tmp_path / "run", "--trainer.max_epochs", "1", "--data.init_args.num_images", "8")
+    args[args.index(str(images / "train"))] = str(train)
+    args[args.index(str(images / "val"))] = str(val)
+    main(args)
+    rows = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()
+    col = rows[0].split(",").index("train/skipped_images")
+    assert [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]] == [2.0]
 
 
 class LossRecorder(L.Callback):
@@ -179,21 +255,73 @@ def test_checkpoint_has_no_teacher_and_export_loads(images, tmp_path):
         torch.testing.assert_close(encoder(x), module.student(x))
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(images, tmp_path):
-    def final_weights(root):
-        newest = max(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-        ckpt = torch.load(newest, map_location="cpu", weights_only=True)
-        return ckpt["state_dict"], ckpt["global_step"]
+def final_weights(root):
+    found = list(root.rglob("last.ckpt"))
+    assert len(found) == 1, found  # one run folder: the resumed run continued in it
+    ckpt = torch.load(found[0], map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
 
-    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2"))
-    main(fit_args(images, tmp_path / "resumed", "--trainer.max_epochs", "1"))
-    last = next((tmp_path / "resumed").rglob("last.ckpt"))
-    main(fit_args(images, tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(last)))
+
+def trained_ids(folder):
+    return [line.split() for line in (folder / "rank0.txt").read_text().splitlines()]
+
+
+def record(folder):
+    return ["--trainer.callbacks+=tests.helpers.RecordIds", f"--trainer.callbacks.out={folder}"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+FRESH_WORKERS = ("--data.init_args.mode", "fresh", "--data.init_args.num_workers", "2")
+
+
+def test_ckpt_path_last_resumes_in_the_same_root(images, tmp_path, monkeypatch):
+    """The README's resume command (``spar-cli fit --config CFG --ckpt_path last``) continues the last run, with
+    loader workers and a new augmentation every epoch (workers start before the epoch hook)."""
+    monkeypatch.chdir(ROOT)  # tests.helpers importable by the CLI
+    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *FRESH_WORKERS, *record(tmp_path / "a")))
+    root = tmp_path / "resumed"
+    main(fit_args(images, root, "--trainer.max_epochs", "1", *FRESH_WORKERS, *record(tmp_path / "b")))
+    main(
+        fit_args(
+            images, root, "--trainer.max_epochs", "2", *FRESH_WORKERS, *record(tmp_path / "b"), "--ckpt_path", "last"
+        )
+    )
     straight, step_a = final_weights(tmp_path / "straight")
-    resumed, step_b = final_weights(tmp_path / "resumed")
+    resumed, step_b = final_weights(root)
     assert step_a == step_b == 12
-    for k in straight:
-        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+    assert trained_ids(tmp_path / "b") == trained_ids(tmp_path / "a")
+    assert_same_weights(straight, resumed)
+    assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
+    rows = (root / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("train/loss_epoch")
+    assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2  # both epochs' losses in the run's one metrics.csv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers):
+    """last.ckpt every 4 steps (tiny.yaml): a run killed at step 5 of a 6-step epoch resumes from step 4 and trains
+    on exactly the images, crops and order of an uninterrupted run, ending with equal weights."""
+    monkeypatch.chdir(ROOT)
+    data = ("--data.init_args.mode", "fresh", "--data.init_args.num_workers", str(workers))
+    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *data, *record(tmp_path / "a")))
+    root = tmp_path / "resumed"
+    stop = ["--trainer.callbacks+=tests.helpers.Interrupt", "--trainer.callbacks.step=5"]
+    with pytest.raises(RuntimeError, match="interrupted at step 5"):
+        main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "b"), *stop))
+    assert torch.load(next(root.rglob("last.ckpt")), weights_only=True)["global_step"] == 4
+    main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "c"), "--ckpt_path", "last"))
+    straight, resumed = trained_ids(tmp_path / "a"), trained_ids(tmp_path / "c")
+    assert trained_ids(tmp_path / "b")[:4] == straight[:4]
+    assert resumed == straight[4:]  # steps 4.. again, nothing replayed or skipped
+    (a, step_a), (b, step_b) = final_weights(tmp_path / "straight"), final_weights(root)
+    assert step_a == step_b == 12
+    assert_same_weights(a, b)
 
 
 @pytest.mark.slow

@@ -18,8 +18,14 @@ DIR`` writes dense features as safetensors (``--help`` on each).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import logging
+import os
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
+from spar_pl.fileio import write_text
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.sliding import SlidingWindowTeacher
@@ -213,14 +220,11 @@ def export(argv: Sequence[str] | None = None) -> Path:
     from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
     path = Path(args.checkpoint)
-    try:
-        state, prefix = strip_layout(read_state_dict(path), set())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"spar-cli export: {err}") from err
+    state, prefix = strip_layout(read_state_dict(path), set())  # errors: one line from spar-cli's main
     if not prefix:
-        raise SystemExit(
-            f"spar-cli export: {path} carries no known checkpoint layout ({', '.join(p for p in LAYOUTS if p)}); "
-            "a plain state dict is already loadable with --weights"
+        raise ValueError(
+            f"{path} carries no known checkpoint layout ({', '.join(p for p in LAYOUTS if p)}); a plain state dict "
+            "is already loadable with --weights"
         )
     weights = {k: v.contiguous() for k, v in state.items()}
     out = save_safetensors(weights, args.out, {"source": str(path), "format": "open_clip", "layout": prefix})
@@ -244,48 +248,37 @@ def tiny_data(argv: Sequence[str] | None = None) -> None:
 
 def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     """``spar-cli cache --config CFG [overrides]``: run the teacher once over the training set into
-    ``model.teacher_cache`` (resumable: valid entries are skipped; corrupt or stale ones are recomputed)."""
-    from tqdm import tqdm
+    ``model.teacher_cache`` with the config's trainer: its device(s), strategy (DDP over ``devices`` x ``num_nodes``,
+    each rank a disjoint share of the images) and precision. Resumable: valid entries are kept after a header check;
+    missing, corrupt or stale ones are computed. One summary for the whole job."""
+    from spar_pl.distill import CacheWriter, TeacherCacheTask
 
     cli = lightning_cli(list(argv or []), run=False)
-    module, datamodule = cli.model, cli.datamodule
-    if not getattr(module.hparams, "teacher_cache", None):
-        raise SystemExit("set --model.init_args.teacher_cache DIR (or teacher_cache in the config)")
-    trainer = cli.trainer  # its device and precision: the cache is computed as training would compute it
-    device = trainer.strategy.root_device
-    module.to(device)
-    store = module.open_cache(datamodule, trainer.precision)
-    dataset = datamodule.training_stream()
-    dataset.set_epoch(0)
-    p = module.student.patch_size
-    written = kept = 0
-    file_bytes = elements = 0
-    for sample in tqdm(dataset, total=len(dataset), desc="teacher cache", unit="img"):
-        image = sample["image"][None].to(device)
-        shape = (image.shape[-2] // p, image.shape[-1] // p)
-        if store.load(sample["id"], shape) is not None:
-            kept += 1
-        else:
-            with trainer.precision_plugin.forward_context():  # the same autocast as the in-step teacher
-                feats = module.teacher_features(module.student.normalize(image))[0]
-            store.save(sample["id"], feats)
-            written += 1
-        file_bytes += store.path(sample["id"]).stat().st_size
-        elements += module.student.embed_dim * shape[0] * shape[1]
-    n = max(written + kept, 1)
+    task = TeacherCacheTask(cli.model, cli.datamodule)
+    trainer = cli.trainer
+    writer = CacheWriter()
+    trainer.callbacks.append(writer)
+    trainer.predict(task, return_predictions=False)
+    totals = writer.totals
+    n = max(totals["written"] + totals["kept"], 1)
     numbers = {
-        "written": written,
-        "kept": kept,
-        "recomputed": store.rejected,
-        "bytes_per_image": file_bytes / n,
-        "float32_bytes_per_image": 4 * elements / n,
+        **{k: totals[k] for k in ("written", "kept", "recomputed", "skipped")},
+        "bytes_per_image": totals["bytes"] / n,
+        "float32_bytes_per_image": totals["float32_bytes"] / n,
+        "per_rank_written": [r["written"] for r in writer.per_rank],
     }
-    print(
-        f"cache {store.root}: {written} written, {kept} already valid, {store.rejected} corrupt or stale recomputed; "
-        f"{numbers['bytes_per_image']:,.0f} bytes per image as float16 safetensors against "
-        f"{numbers['float32_bytes_per_image']:,.0f} for the raw float32 features "
-        f"({numbers['bytes_per_image'] / max(numbers['float32_bytes_per_image'], 1):.2f}x)"
-    )
+    if trainer.is_global_zero:
+        written = ", ".join(str(w) for w in numbers["per_rank_written"])
+        per_rank = (
+            f" over {len(writer.per_rank)} ranks (written per rank: {written})" if len(writer.per_rank) > 1 else ""
+        )
+        print(
+            f"cache {task.store.root}: {totals['written']} written, {totals['kept']} already valid, "
+            f"{totals['recomputed']} corrupt or stale recomputed, {totals['skipped']} unusable images skipped (named "
+            f"above){per_rank}; {numbers['bytes_per_image']:,.0f} bytes per image "
+            f"as float16 safetensors against {numbers['float32_bytes_per_image']:,.0f} for the raw float32 features "
+            f"({numbers['bytes_per_image'] / max(numbers['float32_bytes_per_image'], 1):.2f}x)"
+        )
     return numbers
 
 
@@ -377,6 +370,7 @@ def segment(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prob-thd", type=float, default=0.0, help="pixels scoring below this become class 0")
     parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.safetensors (K, H, W)")
     args = parser.parse_args(argv)
+    check_writable(args.out, "output folder (--out)")
     try:
         parsed = segmentation_classes(class_entries(args.classes) if args.classes is not None else args.classes_file)
     except (OSError, ValueError) as err:
@@ -415,6 +409,7 @@ def features(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
     args = parser.parse_args(argv)
+    check_writable(args.out, "output folder (--out)")
     model = _load_model(args, parser, MODES)
     print(f"{model}: mode {args.mode}, {args.dtype}{', upsampled to the image size' if args.upsample else ''}")
 
@@ -437,6 +432,12 @@ def table(argv: Sequence[str] | None = None) -> str:
     """``spar-cli table --backbone B [--ckpt C] [--tiny]``: the paper's table (``evaluate.table_command``)."""
     from spar_pl.evaluate import table_command
 
+    results = argparse.ArgumentParser(add_help=False)
+    results.add_argument("--results", default="results")
+    results.add_argument("--render-only", action="store_true")
+    known, _ = results.parse_known_args(argv)
+    if not known.render_only:  # a finished evaluation must not be lost to a folder it cannot write
+        check_writable(known.results, "results folder (--results)")
     return table_command(argv)
 
 
@@ -452,12 +453,133 @@ COMMANDS = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+# Known noise: advertisements, facts a user did not ask about, warnings about internals that do not apply here.
+_NOISE_LOGS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "No pretrained weights loaded")
+_NOISE_WARNINGS = (
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # the CSV logger is what this project uses
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning
+    r"LightningCLI's args parameter is intended to run from within Python",  # quickstart/table run it in-process
+    r"Your `IterableDataset` has `__len__` defined",  # StreamingImages' length is exact per rank and worker
+)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in _NOISE_LOGS)
+
+
+def configure_console() -> None:
+    """A quiet, truthful console for ``spar-cli``: each log line once, known noise dropped.
+
+    Lightning prints its INFO lines through its own handlers; a root handler (which ``logging.warning`` in a library
+    would otherwise create with ``basicConfig``, printing every Lightning line a second time) shows warnings and
+    errors only. open_clip's "No pretrained weights loaded" is dropped: the tiny models are random by design (the
+    commands say so) and a SPAR checkpoint or weights file is loaded after it.
+    """
+    root = logging.getLogger()
+    if not any(getattr(h, "spar_console", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.spar_console = True
+        root.addHandler(handler)
+    if _not_noise not in root.filters:
+        root.addFilter(_not_noise)
+    import lightning.pytorch  # noqa: F401  (its handlers exist once it is imported)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if _not_noise not in handler.filters:
+                handler.addFilter(_not_noise)
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
+    temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
+    ``NotADirectoryError``/``PermissionError`` naming it."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{what} {folder} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise PermissionError(f"{what} {folder} is not writable ({err.strerror or err})") from err
+        return folder
+    parent = folder.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        reason = "is a file" if not parent.is_dir() else "is not writable"
+        raise PermissionError(f"{what} {folder} cannot be created: {parent} {reason}")
+    return folder
+
+
+def check_output_folders(trainer, model) -> None:
+    """Check the run's output folders before any work: the logs and checkpoints (``default_root_dir``, the logger's
+    folder), evaluation results (``results_dir``) and a teacher cache."""
+    check_writable(trainer.default_root_dir, "output folder (trainer.default_root_dir)")
+    for logger in trainer.loggers:
+        if getattr(logger, "save_dir", None):
+            check_writable(logger.save_dir, "log folder")
+    hparams = getattr(model, "hparams", {})
+    if hparams.get("results_dir"):
+        check_writable(hparams["results_dir"], "results folder (model.init_args.results_dir)")
+    if hparams.get("teacher_cache"):
+        check_writable(hparams["teacher_cache"], "teacher cache folder (model.init_args.teacher_cache)")
+
+
+def continue_last_run(trainer) -> Path | None:
+    """Make ``--ckpt_path last`` resume in the same root: point the trainer's logger at the run (version folder)
+    holding the newest ``last*.ckpt``, so Lightning finds that checkpoint and the run's logs and checkpoints continue
+    in the same folder. Returns the checkpoint, or ``None`` (a logger with an explicit version, or no run yet)."""
+    logger = trainer.logger
+    if logger is None or getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir"):
+        return None
+    found = [p for p in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt") if p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    logger._version = newest.parents[1].name  # loggers read their version lazily: set before the first use
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    if trainer.is_global_zero and metrics.is_file():
+        # the CSV logger deletes a run folder's metrics.csv when it opens it: keep the run's history, append to it
+        text = metrics.read_text(encoding="utf-8")
+        writer = logger.experiment  # opening it removed the file
+        if hasattr(writer, "metrics_keys"):
+            write_text(metrics, text)
+            writer.metrics_keys = list(csv.DictReader(io.StringIO(text)).fieldnames or [])
+    return newest
+
+
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    return LightningCLI(
+    class SparCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            theme = getattr(trainer.progress_bar_callback, "theme", None)
+            if theme is not None and getattr(theme, "metrics_format", None) == ".3f":
+                theme.metrics_format = ".3g"  # a feature MSE of 6e-05 is not "0.000"
+            return trainer
+
+        def before_fit(self) -> None:
+            check_output_folders(self.trainer, self.model)
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                continue_last_run(self.trainer)
+
+        def before_validate(self) -> None:
+            check_output_folders(self.trainer, self.model)
+
+        before_test = before_predict = before_validate
+
+    return SparCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -473,17 +595,50 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
     )
 
 
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+_UNION_DUMP = "Does not validate against any of the Union subtypes"
+
+
+def user_message(err: BaseException) -> str:
+    """One line for an ordinary mistake: jsonargparse's dump of a failed class instantiation ("Union subtypes")
+    is replaced by the error that caused it (a checkpoint that does not match, a missing file, ...)."""
+    while _UNION_DUMP in str(err) and err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    if _UNION_DUMP in text:  # no cause attached: its "Errors:" list holds the reasons
+        reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        text = reasons[0] if reasons else text.splitlines()[0]
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``spar-cli``."""
+    """Entry point of ``spar-cli``. An ordinary user error (a missing or unreadable file or folder, a value out of
+    range, a checkpoint that does not match) prints one line naming it on stderr and exits with status 1."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        lightning_cli(args)
-        return
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
+    names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
+    if not argv or argv[0] in ("-h", "--help"):
         print("usage: spar-cli {" + names + "} [options]\n\n" + __doc__.strip())
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+        raise SystemExit(0)
+    command = argv[0]
+    configure_console()
+    if command not in LIGHTNING_COMMANDS and command not in COMMANDS:
+        print(f"spar-cli: unknown command {command!r}; choose from {{{names}}} (spar-cli --help)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        if command in LIGHTNING_COMMANDS:
+            lightning_cli(args)
+        else:
+            COMMANDS[command](argv[1:])
+    except USER_ERRORS as err:
+        print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # argparse / jsonargparse usage errors and plain exits
+            raise
+        print(f"spar-cli {command}: error: {exc.code}", file=sys.stderr)  # a message the command raised
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

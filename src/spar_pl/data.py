@@ -45,6 +45,9 @@ class AugmentConfig:
         crop_range: each crop side is uniform in this fraction of the image side.
         multiple: sides are floored to a multiple of this (the patch size).
         flip_p: horizontal flip probability.
+        max_pixels: an image whose resized size (before the crop) would exceed this many pixels is refused
+            (``ValueError``, so the stream skips and names it): an extreme aspect ratio upscaled to ``min_side``
+            would otherwise grow without bound. Default: four times the box.
     """
 
     box: tuple[int, int] = (2048, 1024)
@@ -54,13 +57,24 @@ class AugmentConfig:
     crop_range: tuple[float, float] = (0.4, 1.0)
     multiple: int = 16
     flip_p: float = 0.5
+    max_pixels: int | None = None
+
+    @property
+    def pixel_cap(self) -> int:
+        """The most pixels the resize before the crop may produce."""
+        return self.max_pixels if self.max_pixels is not None else 4 * self.box[0] * self.box[1]
 
 
 PRESETS = {"paper": AugmentConfig(), "extended": AugmentConfig(box=(2560, 2560), ratio=(0.2, 1.0))}
 
 
 def augment_params(height: int, width: int, rng: random.Random, cfg: AugmentConfig) -> dict:
-    """Sample one augmentation: resized size, crop box ``(x0, y0, x1, y1)`` in the resized image, flip."""
+    """Sample one augmentation: resized size, crop box ``(x0, y0, x1, y1)`` in the resized image, flip.
+
+    An image upscaled to ``min_side`` keeps its whole short side, and its long side is cropped to at most the box's
+    long side, so the output never exceeds ``min_side x max(box)``. Raises ``ValueError`` when the resize itself
+    would exceed :attr:`AugmentConfig.pixel_cap` (an extreme aspect ratio).
+    """
     r = rng.uniform(*cfg.ratio)
     long_box, short_box = max(cfg.box) * r, min(cfg.box) * r
     scale = min(long_box / max(height, width), short_box / min(height, width))
@@ -68,7 +82,12 @@ def augment_params(height: int, width: int, rng: random.Random, cfg: AugmentConf
     if min(h, w) < cfg.min_side:
         up = cfg.min_side / min(h, w)
         h, w = max(cfg.min_side, round(h * up)), max(cfg.min_side, round(w * up))
-        ch, cw = h, w
+        if h * w > cfg.pixel_cap:
+            raise ValueError(
+                f"extreme aspect ratio {width}x{height}: upscaling its short side to {cfg.min_side} gives {w}x{h}, "
+                f"over the {cfg.pixel_cap:,} pixel cap"
+            )
+        ch, cw = min(h, max(cfg.box)), min(w, max(cfg.box))
     elif rng.random() < cfg.keep_full_p:
         ch, cw = h, w
     else:
@@ -113,10 +132,14 @@ def open_source(source: str, split: str = "train"):
         features = Features({"image": ImageFeature(decode=False), "__key__": Value("string")})
         kwargs = {"files": files, "root": str(path)}
         ds = IterableDataset.from_generator(_folder_records, features=features, gen_kwargs=kwargs)
-    elif source.endswith(".parquet"):
-        ds = load_dataset("parquet", data_files={split: source}, split=split, streaming=True)
-    elif source.endswith(".tar"):
-        ds = load_dataset("webdataset", data_files={split: source}, split=split, streaming=True)
+    elif source.endswith((".parquet", ".tar")):
+        builder = "parquet" if source.endswith(".parquet") else "webdataset"
+        try:
+            ds = load_dataset(builder, data_files={split: source}, split=split, streaming=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a damaged shard: name it
+            raise ValueError(f"cannot read image source {source} ({builder}): {err}") from err
     else:
         try:
             ds = load_dataset(source, split=split, streaming=True)
@@ -149,20 +172,31 @@ def count_images(source: str) -> int | None:
     return None
 
 
-def decode(record, column: str) -> tuple[str, np.ndarray]:
-    """(image id, RGB uint8 array) of a record; raises ``OSError``/``ValueError`` naming the file if unreadable."""
+def decode(record, column: str) -> tuple[str, np.ndarray, str]:
+    """(image id, RGB uint8 array, content hash) of a record.
+
+    The content hash is a SHA-256 prefix of the source bytes (the encoded file), so anything keyed on it (the
+    teacher cache) notices an image replaced under the same name. Raises ``OSError``/``ValueError`` if the image
+    cannot be used, a decompression bomb (over PIL's ``MAX_IMAGE_PIXELS``) included.
+    """
     value = record[column]
     path = value.get("path") if isinstance(value, dict) else None
     data = value.get("bytes") if isinstance(value, dict) else value
-    if isinstance(data, Image.Image):
-        image = data
-    elif data is None and path:
-        image = Image.open(path)
-    else:
-        image = Image.open(io.BytesIO(data))
-    name = record.get("__key__") or (Path(path).name if path else hashlib.sha1(image.tobytes()).hexdigest()[:16])
-    image.load()
-    return str(name), np.asarray(image.convert("RGB"))
+    if data is None and path:
+        data = Path(path).read_bytes()
+    try:
+        if isinstance(data, Image.Image):
+            image = data
+            content = hashlib.sha256(image.tobytes()).hexdigest()[:32]
+        else:
+            content = hashlib.sha256(data).hexdigest()[:32]
+            image = Image.open(io.BytesIO(data))
+        name = record.get("__key__") or (Path(path).name if path else content[:16])
+        image.load()
+        array = np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as err:  # not an OSError: it would otherwise stop the run
+        raise ValueError(str(err)) from err
+    return str(name), array, content
 
 
 class StreamingImages(torch.utils.data.IterableDataset):
@@ -173,7 +207,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
     Args:
         source: see :func:`open_source`.
-        per_rank: samples this rank yields per epoch.
+        per_rank: samples this rank yields per epoch; ``None``: one pass over this rank's share, each usable
+            image exactly once (``spar-cli cache``: the ranks' shares are disjoint and cover the source).
         rank: this rank; world_size: number of ranks.
         augmentation: an :class:`AugmentConfig`, or ``None`` for none (images floored to ``multiple``).
         mode: ``fixed`` (augmentation fixed per image id and seed, as the paper's offline augmentation) or
@@ -185,7 +220,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
     def __init__(
         self,
         source: str,
-        per_rank: int,
+        per_rank: int | None,
         rank: int = 0,
         world_size: int = 1,
         augmentation: AugmentConfig | None = None,
@@ -202,9 +237,12 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.multiple = shuffle_buffer, multiple
         self.epoch = 0
         self._opened = None
+        self.resume: list[int] | None = None  # samples already consumed per loader worker (ResumableLoader)
         self.skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
 
     def __len__(self) -> int:
+        if self.per_rank is None:
+            raise TypeError("a one-pass stream has no length known in advance")
         return self.per_rank
 
     def set_epoch(self, epoch: int) -> None:
@@ -220,47 +258,70 @@ class StreamingImages(torch.utils.data.IterableDataset):
         ds, column = self._opened
         if self.shuffle_buffer:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            ds.set_epoch(epoch)
-        return split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size), column
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        ds.set_epoch(epoch)  # on the split dataset: split_dataset_by_node does not carry the epoch over
+        return ds, column
 
-    def _stream(self, epoch: int) -> Iterator[dict]:
+    def _stream(self, epoch: int, skip: int, bad: set[str]) -> Iterator[dict | None]:
+        """The rank's usable samples of one pass; the first ``skip`` are decoded only (so that unreadable images
+        are recognised) and yielded as ``None``. Unusable images are counted and named once per epoch (``bad``)."""
         ds, column = self._rank_stream(epoch)
         for record in ds:
             value = record[column]
             where = (value.get("path") if isinstance(value, dict) else None) or record.get("__key__") or "a record"
             try:
-                image_id, image = decode(record, column)
+                image_id, image, content = decode(record, column)
+                sample = None if skip > 0 else self._sample(image_id, image, content, epoch)
             except (OSError, ValueError, SyntaxError) as err:
-                with self.skipped.get_lock():
-                    self.skipped.value += 1
-                warnings.warn(f"skipping unreadable image {where} in {self.source}: {err}", stacklevel=2)
+                if where not in bad and skip <= 0:
+                    bad.add(where)
+                    with self.skipped.get_lock():
+                        self.skipped.value += 1
+                    warnings.warn(
+                        f"epoch {self.epoch}: skipping unusable image {where} in {self.source}: {err}", stacklevel=2
+                    )
                 continue
-            yield self._sample(image_id, image, epoch)
+            skip -= 1
+            yield sample
 
-    def _sample(self, image_id: str, image: np.ndarray, epoch: int) -> dict:
+    def _sample(self, image_id: str, image: np.ndarray, content: str, epoch: int) -> dict:
         if self.augmentation is not None:
             rng = image_rng(self.seed, image_id, epoch if self.mode == "fresh" else None)
             image = augment(image, augment_params(image.shape[0], image.shape[1], rng, self.augmentation))
         else:
             m = self.multiple
+            if image.shape[0] < m or image.shape[1] < m:
+                raise ValueError(f"{image.shape[1]}x{image.shape[0]} is smaller than one {m}x{m} patch")
             image = image[: image.shape[0] // m * m, : image.shape[1] // m * m]
         tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        return {"image": tensor, "id": image_id}
+        return {"image": tensor, "id": image_id, "content": content}
+
+    def worker_quotas(self, num_workers: int) -> list[int]:
+        """Samples each loader worker yields per epoch (``datasets`` hands each worker whole shards and idles
+        workers beyond the shard count)."""
+        active = min(max(1, num_workers), self._rank_stream(0)[0].num_shards)
+        return [self.per_rank // active + (1 if w < self.per_rank % active else 0) for w in range(active)]
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # datasets hands each loader worker whole shards and idles workers beyond the shard count.
-        active = min(num_workers, self._rank_stream(0)[0].num_shards)
-        if worker >= active:
-            return
-        quota = self.per_rank // active + (1 if worker < self.per_rank % active else 0)
-        produced, passes = 0, 0
+        if self.per_rank is None:  # one pass; datasets hands each loader worker its own shards
+            return (s for s in self._stream(self.epoch * 1000, 0, set()) if s is not None)
+        quotas = self.worker_quotas(num_workers)
+        if worker >= len(quotas):
+            return iter(())
+        quota = quotas[worker]
+        skip = self.resume[worker] if self.resume is not None else 0  # read now: the loader clears it after
+        return self._samples(worker, quota, skip)
+
+    def _samples(self, worker: int, quota: int, skip: int) -> Iterator[dict]:
+        produced, passes, bad = 0, 0, set()
         while produced < quota:
             before = produced
-            for sample in self._stream(self.epoch * 1000 + passes):
-                yield sample
+            for sample in self._stream(self.epoch * 1000 + passes, skip - produced, bad):
                 produced += 1
+                if sample is not None:
+                    yield sample
                 if produced == quota:
                     return
             passes += 1
@@ -269,14 +330,103 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack a batch; images of different sizes are centre-cropped to the smallest common size."""
+    """Stack a batch; images of different sizes are centre-cropped to the smallest common size.
+
+    The batch also names the loader worker that made it (``worker``), which :class:`ResumableLoader` counts.
+    """
     h = min(s["image"].shape[1] for s in samples)
     w = min(s["image"].shape[2] for s in samples)
     crops = []
     for s in samples:
         top, left = (s["image"].shape[1] - h) // 2, (s["image"].shape[2] - w) // 2
         crops.append(s["image"][:, top : top + h, left : left + w])
-    return {"image": torch.stack(crops), "id": [s["id"] for s in samples]}
+    info = torch.utils.data.get_worker_info()
+    return {
+        "image": torch.stack(crops),
+        "id": [s["id"] for s in samples],
+        "content": [s["content"] for s in samples],
+        "worker": info.id if info is not None else 0,
+    }
+
+
+def _collate_eval(samples: list[dict]) -> dict:
+    batch = collate(samples)
+    del batch["worker"]
+    return batch
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """The training loader: Lightning saves its position in checkpoints and resumes from it mid-epoch.
+
+    Lightning calls ``state_dict`` when it writes a checkpoint (also every ``N`` steps, with
+    ``ModelCheckpoint(every_n_train_steps=N)``) and ``load_state_dict`` before the resumed run's first batch.
+    The state is the epoch and the samples each loader worker has delivered so far: the stream is deterministic
+    for an epoch, so a resumed worker passes over exactly those (decoding them, without augmentation) and the run
+    trains on the images an uninterrupted run would, in the same order, with the same augmentation. A checkpoint
+    taken at an epoch's end resumes with the next epoch. Keep ``num_workers`` when resuming mid-epoch.
+    """
+
+    def __init__(self, dataset: StreamingImages, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self._epoch = dataset.epoch
+        self._consumed = [0] * max(1, self.num_workers)
+        self._last = -1  # the worker that delivered the last batch
+
+    def state_dict(self) -> dict:
+        """The epoch of the running (or last) iteration and the samples consumed per loader worker."""
+        return {
+            "epoch": self._epoch,
+            "consumed": list(self._consumed),
+            "last_worker": self._last,
+            "num_workers": self.num_workers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` was taken (the next epoch if that epoch was complete)."""
+        if state.get("num_workers") != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's training loader had num_workers={state.get('num_workers')}; resuming mid-epoch "
+                f"needs the same (got {self.num_workers}): set data.init_args.num_workers back"
+            )
+        dataset = self.dataset
+        if sum(state["consumed"]) >= len(dataset):
+            dataset.set_epoch(state["epoch"] + 1)
+        else:
+            dataset.set_epoch(state["epoch"])
+            dataset.resume = list(state["consumed"])
+            self._last = state["last_worker"]
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = self.dataset
+        self._epoch = dataset.epoch
+        if dataset.resume is None:
+            self._consumed, self._last = [0] * max(1, self.num_workers), -1
+        else:
+            self._consumed = list(dataset.resume)
+        # the dataset reads its resume point here (loader workers start and copy it); later iterations start afresh
+        iterator = super().__iter__()
+        dataset.resume = None
+        return self._in_order(iterator, dataset.worker_quotas(self.num_workers))
+
+    def _in_order(self, iterator, quotas: list[int]) -> Iterator[dict]:
+        """Batches in the workers' round-robin order, continued from the last worker (a resumed ``DataLoader``
+        starts its rotation at worker 0); a no-op for an uninterrupted iteration."""
+        pending: dict[int, list[dict]] = {}
+
+        def expected() -> int | None:
+            for k in range(1, len(quotas) + 1):
+                w = (self._last + k) % len(quotas)
+                if self._consumed[w] < quotas[w]:
+                    return w
+            return None
+
+        for batch in iterator:
+            pending.setdefault(batch.pop("worker"), []).append(batch)
+            while (w := expected()) is not None and pending.get(w):
+                ready = pending[w].pop(0)
+                self._consumed[w] += len(ready["id"])
+                self._last = w
+                yield ready
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -336,7 +486,7 @@ class DistillDataModule(L.LightningDataModule):
         if count < world:  # a rank without images would leave the others waiting in collective calls
             raise ValueError(f"{source}: {count} images cannot feed {world} ranks")
         hp = self.hparams
-        return StreamingImages(
+        stream = StreamingImages(
             source,
             per_rank,
             rank,
@@ -346,10 +496,23 @@ class DistillDataModule(L.LightningDataModule):
             seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer if train else 0,
         )
+        stream.worker_quotas(hp.num_workers)  # open the source now: a missing or damaged one is an error in setup
+        return stream
 
     def training_stream(self) -> StreamingImages:
         """The augmented training stream of this rank."""
         return self._dataset(self.hparams.train_source, self.hparams.num_images, train=True)
+
+    def cache_dataloader(self) -> torch.utils.data.DataLoader:
+        """The training images with their training augmentation, for ``spar-cli cache``: one pass over this rank's
+        share (the ranks' shares are disjoint and cover the source), in source order, batch size 1."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        hp = self.hparams
+        stream = StreamingImages(
+            hp.train_source, None, rank, world, self.augmentation, hp.mode, hp.seed, shuffle_buffer=0
+        )
+        return torch.utils.data.DataLoader(stream, batch_size=1, num_workers=hp.num_workers, collate_fn=_collate_eval)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -367,19 +530,21 @@ class DistillDataModule(L.LightningDataModule):
         """Unreadable images skipped so far by the training stream on this rank."""
         return self.train_set.skipped.value if self.train_set is not None else 0
 
-    def _loader(self, dataset: StreamingImages, batch_size: int) -> torch.utils.data.DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        if self.trainer is not None:
+            # Lightning creates the first iterator (and starts loader workers) before on_train_epoch_start: set the
+            # epoch now, as Lightning counts it for samplers (after a restore, the epoch the run continues with)
+            self.train_set.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         workers = self.hparams.num_workers
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False
+        return ResumableLoader(
+            self.train_set, batch_size=self.hparams.batch_size, num_workers=workers, collate_fn=collate
         )
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, 1)
+        workers = self.hparams.num_workers
+        return torch.utils.data.DataLoader(self.val_set, batch_size=1, num_workers=workers, collate_fn=_collate_eval)
 
     predict_dataloader = val_dataloader
 

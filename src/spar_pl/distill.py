@@ -13,8 +13,9 @@ import warnings
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
-from spar_pl.cache import TeacherCache, weights_identity
+from spar_pl.cache import TeacherCache, weights_fingerprint
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.sliding import SlidingWindowTeacher
 
@@ -91,18 +92,25 @@ class DistillModule(L.LightningModule):
         """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
         return self._teacher(images).float()
 
-    def open_cache(self, datamodule, precision: str) -> TeacherCache:
-        """The teacher cache for this model and the data module's augmentation (checks compatibility)."""
-        hp, data = self.hparams, datamodule.hparams
+    def check_cache_data(self, datamodule) -> None:
+        """Raise ``ValueError`` unless the data module can use a teacher cache (fixed augmentation, batch size 1)."""
+        data = datamodule.hparams
+        if not self.hparams.teacher_cache:
+            raise ValueError("set --model.init_args.teacher_cache DIR (or teacher_cache in the config)")
         if data.mode != "fixed" or data.batch_size != 1:
             raise ValueError(
                 f"teacher_cache needs the data module's fixed augmentation and batch_size 1 (got mode={data.mode!r}, "
                 f"batch_size={data.batch_size}); fresh augmentation needs the in-step teacher (teacher_cache: null)"
             )
+
+    def open_cache(self, datamodule, precision: str) -> TeacherCache:
+        """The teacher cache for this model and the data module's augmentation (checks compatibility)."""
+        self.check_cache_data(datamodule)
+        hp, data = self.hparams, datamodule.hparams
         manifest = {
             "backbone": hp.backbone,
             "model_name": self.student.model_name,
-            "weights": weights_identity(self.student.model_name, hp.pretrained, hp.weights),
+            "weights": weights_fingerprint(self._teacher.encoder.model.visual),  # the values, whatever their name
             "crop": self._teacher.crop,
             "stride": self._teacher.stride,
             "seed": data.seed,
@@ -114,31 +122,44 @@ class DistillModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.teacher_cache and stage == "fit":
             self.cache = self.open_cache(self.trainer.datamodule, self.trainer.precision)
+            if self.trainer.is_global_zero:  # before any rank writes: Lightning holds a barrier after setup
+                self.cache.clean_temporary()
 
-    def targets(self, images: torch.Tensor, ids: list[str] | None = None, train: bool = False) -> torch.Tensor:
-        """Teacher targets for normalised images: from the cache when training with one, else computed."""
-        if self.cache is None or not train or ids is None:
+    def targets(
+        self,
+        images: torch.Tensor,
+        ids: list[str] | None = None,
+        contents: list[str] | None = None,
+        train: bool = False,
+    ) -> torch.Tensor:
+        """Teacher targets for normalised images: from the cache when training with one, else computed.
+
+        ``ids`` and ``contents`` (the content hashes of the source images) key the cache entries.
+        """
+        if self.cache is None or not train or ids is None or contents is None:
             return self.teacher_features(images)
         p = self.student.patch_size
         shape = (images.shape[-2] // p, images.shape[-1] // p)
-        cached = [self.cache.load(i, shape) for i in ids]
+        cached = [self.cache.load(i, c, shape) for i, c in zip(ids, contents)]
         if any(c is None for c in cached):
             computed = self.teacher_features(images)
-            for k, image_id in enumerate(ids):
+            for k, (image_id, content) in enumerate(zip(ids, contents)):
                 if cached[k] is None:
-                    self.cache.save(image_id, computed[k])
+                    self.cache.save(image_id, content, computed[k])
             return computed
         return torch.stack(cached).to(images.device)
 
-    def feature_loss(self, images01: torch.Tensor, ids: list[str] | None = None, train: bool = False) -> torch.Tensor:
-        """MSE between student and teacher features of a batch of ``[0, 1]`` images."""
+    def feature_loss(self, images01: torch.Tensor, batch: dict | None = None, train: bool = False) -> torch.Tensor:
+        """MSE between student and teacher features of a batch of ``[0, 1]`` images (``batch``: its ids and
+        content hashes, for the teacher cache)."""
         images = self.student.normalize(images01)
-        targets = self.targets(images, ids, train)
+        batch = batch or {}
+        targets = self.targets(images, batch.get("id"), batch.get("content"), train)
         preds = self.student(images)[..., : targets.shape[-2], : targets.shape[-1]]
         return F.mse_loss(preds.float(), targets)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.feature_loss(batch["image"], batch.get("id"), train=True)
+        loss = self.feature_loss(batch["image"], batch, train=True)
         # synchronised, so that "lowest train/loss_epoch" is the global mean on every rank (one checkpoint choice)
         size = len(batch["image"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
@@ -169,3 +190,106 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps and at every epoch's end: what ``--ckpt_path last`` resumes.
+
+    A long epoch is not lost to a stop mid-epoch: the checkpoint holds the training loader's position
+    (:class:`~spar_pl.data.ResumableLoader`), so a resumed run continues with the next image. Lightning's
+    ``ModelCheckpoint`` takes either a step or an epoch interval, not both; this one does both and keeps no other
+    file.
+
+    Args:
+        every_n_train_steps: steps between mid-epoch checkpoints (0: at epoch ends only).
+        dirpath: the checkpoint folder (default: the logger's run folder, ``.../version_N/checkpoints``).
+    """
+
+    def __init__(self, every_n_train_steps: int = 1000, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps or None,
+            every_n_epochs=None if every_n_train_steps else 1,
+            save_on_train_epoch_end=True,
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step that was just saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+CACHE_COUNTS = ("written", "kept", "recomputed", "skipped", "bytes", "float32_bytes")
+
+
+class TeacherCacheTask(L.LightningModule):
+    """``spar-cli cache`` as a Lightning predict run: every rank of the trainer's strategy (DDP over ``devices`` and
+    ``num_nodes``) runs the teacher over its own disjoint share of the training images, under the trainer's
+    precision (the autocast of the in-step teacher). Entries already valid are kept after a header-only check;
+    :class:`CacheWriter` writes the others. Resumable: a re-run computes only what is missing or stale.
+
+    Args:
+        distill: the model whose teacher fills the cache (``teacher_cache`` set).
+        datamodule: the :class:`~spar_pl.data.DistillDataModule` whose training images and augmentation are cached.
+    """
+
+    def __init__(self, distill: DistillModule, datamodule) -> None:
+        super().__init__()
+        distill.check_cache_data(datamodule)
+        self.distill = distill
+        self.data = datamodule
+        self.store: TeacherCache | None = None
+        self.loader = None
+
+    def setup(self, stage: str) -> None:
+        self.store = self.distill.open_cache(self.data, self.trainer.precision)
+        if self.trainer.is_global_zero:  # before any rank writes: Lightning holds a barrier after setup
+            self.store.clean_temporary()
+
+    def predict_dataloader(self):
+        self.data.trainer = self.trainer  # this rank's share
+        self.loader = self.data.cache_dataloader()
+        return self.loader
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """The teacher features of one image, or ``None`` features when its valid entry is kept."""
+        image_id, content, image = batch["id"][0], batch["content"][0], batch["image"]
+        p = self.distill.student.patch_size
+        shape = (image.shape[-2] // p, image.shape[-1] // p)
+        out = {"id": image_id, "content": content, "shape": shape, "features": None}
+        if not self.store.is_valid(image_id, content, shape):
+            out["features"] = self.distill.teacher_features(self.distill.student.normalize(image))[0]
+        return out
+
+
+class CacheWriter(BasePredictionWriter):
+    """Writes :class:`TeacherCacheTask` predictions as cache entries, counts them, and sums the counts over the
+    ranks at the end (``totals`` and ``per_rank`` on every rank)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.counts = dict.fromkeys(CACHE_COUNTS, 0)
+        self.totals: dict[str, int] = {}
+        self.per_rank: list[dict[str, int]] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        store, counts = pl_module.store, self.counts
+        if prediction["features"] is None:
+            counts["kept"] += 1
+        else:
+            store.save(prediction["id"], prediction["content"], prediction["features"])
+            counts["written"] += 1
+        h, w = prediction["shape"]
+        counts["bytes"] += store.path(prediction["id"]).stat().st_size
+        counts["float32_bytes"] += 4 * pl_module.distill.student.embed_dim * h * w
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.counts["recomputed"] = pl_module.store.rejected
+        self.counts["skipped"] = pl_module.loader.dataset.skipped.value
+        local = torch.tensor([float(self.counts[k]) for k in CACHE_COUNTS], device=pl_module.device)
+        gathered = trainer.strategy.all_gather(local).reshape(-1, len(CACHE_COUNTS)).cpu()
+        self.per_rank = [dict(zip(CACHE_COUNTS, map(int, row.tolist()))) for row in gathered]
+        self.totals = {k: sum(r[k] for r in self.per_rank) for k in CACHE_COUNTS}

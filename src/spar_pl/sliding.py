@@ -83,6 +83,8 @@ class SlidingWindowTeacher(nn.Module):
         self.patch_size = int(encoder.patch_size)
         if self.window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+        if self.stride < 1 or self.crop < 1:
+            raise ValueError(f"sliding-window crop and stride must be positive, got crop={self.crop}, stride={stride}")
         self.cell = self.patch_size // upsample_factor(self.patch_size, self.stride)
         if self.crop % self.patch_size:
             raise ValueError(f"crop {self.crop} is not a multiple of the patch size {self.patch_size}")
