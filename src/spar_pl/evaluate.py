@@ -271,7 +271,8 @@ def run_table(backbone: str, checkpoint: str | None, results_dir: str = "results
     runs = table_runs(backbone, checkpoint, roots)
     for k, (dataset, row, args) in enumerate(runs, 1):
         print(f"[{k}/{len(runs)}] {dataset}: {row}", flush=True)
-        main([*args, "--model.init_args.results_dir", results_dir, "--trainer.enable_progress_bar", "false", *extra])
+        quiet = ["--trainer.enable_progress_bar", "false", "--verbose", "false"]  # the table is the summary
+        main([*args, "--model.init_args.results_dir", results_dir, *quiet, *extra])
     results = Path(results_dir) / f"{backbone}.json"
     table = render_table(results, Path(results_dir) / f"{backbone}.md", title=f"{backbone}: mIoU (%)")
     print(table)

@@ -213,7 +213,7 @@ class OpenVocabHead(nn.Module):
         from spar_pl.sliding import SlidingWindowLogits
 
         text = self.text_embeddings(images.device)
-        source = SlidingWindowLogits(encoder, images, text, crop, stride, window_batch, size, budget_bytes)
+        source = SlidingWindowLogits(encoder, images, text, crop, stride, window_batch, size)
         # the canvas is at the input size, which may exceed the output size: size chunks for the larger
         scale = (size[0] * size[1]) / max(size[0] * size[1], images.shape[-2] * images.shape[-1])
         return self.predict_chunked(source, images.shape[0], size, images.device, probs_out, int(budget_bytes * scale))

@@ -136,8 +136,12 @@ class SlidingWindowLogits:
 
     The encoder runs once over all windows; each window's cosine logits are kept at its patch grid
     (``windows x S x c/p x c/p`` floats, small). Calling the object with a synonym range builds the
-    full-resolution canvas for those synonyms only, so memory is bounded by ``budget_bytes`` whatever the
-    number of classes.
+    full-resolution canvas for those synonyms only, so memory is bounded by the chunk whatever the number of
+    classes. Windows form a grid (every row start with every column start) and bilinear resizing is separable,
+    so the canvas is built one row of windows at a time: each window resized along its width and summed into
+    the row's band, the band resized along its height once and added to the canvas. That is the sum of the
+    windows resized to their pixel size (up to float rounding), at a fraction of the cost, and the count map is
+    the outer product of the row and column counts.
 
     Args:
         encoder: maps ``(n, 3, ch, cw)`` normalised crops to ``(n, C, gh, gw)`` features.
@@ -145,7 +149,6 @@ class SlidingWindowLogits:
         text: synonym embeddings ``(S, C)``, L2-normalised.
         crop: window side; stride: step between windows; window_batch: windows per encoder call.
         size: the output size ``(H0, W0)`` (the original image); the canvas is resized to it.
-        budget_bytes: bound on the resized-window chunk built at once.
     """
 
     def __init__(
@@ -157,7 +160,6 @@ class SlidingWindowLogits:
         stride: int,
         window_batch: int = 16,
         size: tuple[int, int] | None = None,
-        budget_bytes: int = 1 << 26,
     ) -> None:
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -165,46 +167,46 @@ class SlidingWindowLogits:
         self.batch, self.height, self.width = b, height, width
         self.size = tuple(size) if size is not None else (height, width)
         self.window = (min(crop, height), min(crop, width))
-        self.budget_bytes = budget_bytes
         ch, cw = self.window
         device = images.device
-        boxes = window_boxes(height, width, crop, stride).to(device)
-        self.num_windows = boxes.shape[0]
-        rows = boxes[:, :1] + torch.arange(ch, device=device)  # (n, ch)
-        cols = boxes[:, 1:] + torch.arange(cw, device=device)  # (n, cw)
-        self.pixels = (rows[:, :, None] * width + cols[:, None, :]).flatten(1)  # (n, ch * cw) canvas offsets
-        count = torch.bincount(self.pixels.flatten(), minlength=height * width)
-        self.count = count.clamp(min=1).to(torch.float32)
+        self.tops = torch.tensor(window_starts(height, crop, stride), device=device)
+        self.lefts = torch.tensor(window_starts(width, crop, stride), device=device)
+        rows = torch.bincount((self.tops[:, None] + torch.arange(ch, device=device)).flatten(), minlength=height)
+        cols = torch.bincount((self.lefts[:, None] + torch.arange(cw, device=device)).flatten(), minlength=width)
+        self.count = (rows[:, None] * cols[None, :]).clamp(min=1).to(torch.float32)  # windows covering each pixel
+        self.num_windows = len(self.tops) * len(self.lefts)
+        boxes = window_boxes(height, width, crop, stride).to(device)  # row-major: (top, left) pairs
         pairs = torch.cartesian_prod(torch.arange(b, device=device), torch.arange(self.num_windows, device=device))
-        self.pairs = pairs  # (B * n, 2): image, window
         text = text.to(device=device, dtype=torch.float32)
         logits = []
         for chunk in pairs.split(window_batch):
             bi, wi = chunk[:, 0], chunk[:, 1]
-            crops = images[bi[:, None, None], :, rows[wi][:, :, None], cols[wi][:, None, :]].permute(0, 3, 1, 2)
+            r = boxes[wi, :1] + torch.arange(ch, device=device)
+            c = boxes[wi, 1:] + torch.arange(cw, device=device)
+            crops = images[bi[:, None, None], :, r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2)
             feats = encoder(crops.contiguous())
             with torch.autocast(feats.device.type, enabled=False):  # similarities in float32 under autocast
                 logits.append(torch.einsum("nchw,sc->nshw", F.normalize(feats.float(), dim=1), text))
-        self.logits = torch.cat(logits)  # (B * n, S, gh, gw)
+        grid = torch.cat(logits)  # (B * n, S, gh, gw), windows row-major
+        self.logits = grid.view(b, len(self.tops), len(self.lefts), *grid.shape[1:])
 
     def __call__(self, s0: int, s1: int) -> torch.Tensor:
         """Logits ``(B, s1 - s0, H0, W0)`` of synonyms ``s0:s1``: windows resized to their pixel size, averaged
         on the full-resolution canvas, resized to the output size."""
         ch, cw = self.window
         k = s1 - s0
-        hw = self.height * self.width
-        canvas = self.logits.new_zeros(k, self.batch * hw)
-        step = max(1, self.budget_bytes // max(4 * k * ch * cw, 1))
-        for start in range(0, self.pairs.shape[0], step):
-            part = self.pairs[start : start + step]
-            resized = F.interpolate(
-                self.logits[start : start + step, s0:s1], size=(ch, cw), mode="bilinear", align_corners=False
-            )
-            index = (part[:, :1] * hw + self.pixels[part[:, 1]]).flatten()
-            canvas.index_add_(1, index, resized.permute(1, 0, 2, 3).reshape(k, -1))
-            del resized
-        canvas = (canvas.view(k, self.batch, hw) / self.count).view(k, self.batch, self.height, self.width)
-        canvas = canvas.transpose(0, 1)
+        gh = self.logits.shape[-2]
+        columns = (self.lefts[:, None] + torch.arange(cw, device=self.lefts.device)).flatten()
+        canvas = self.logits.new_zeros(self.batch, k, self.height, self.width)
+        for b in range(self.batch):
+            for i, top in enumerate(self.tops.tolist()):  # one row of windows at a time (a handful of rows)
+                row = self.logits[b, i, :, s0:s1]  # (n_left, k, gh, gw)
+                wide = F.interpolate(row, size=(gh, cw), mode="bilinear", align_corners=False)  # width only
+                band = row.new_zeros(k, gh, self.width)
+                band.index_add_(2, columns, wide.permute(1, 2, 0, 3).reshape(k, gh, -1))
+                tall = F.interpolate(band[None], size=(ch, self.width), mode="bilinear", align_corners=False)  # height
+                canvas[b, :, top : top + ch] += tall[0]
+        canvas /= self.count
         if self.size == (self.height, self.width):
-            return canvas.contiguous()
+            return canvas
         return F.interpolate(canvas, size=self.size, mode="bilinear", align_corners=False)
