@@ -7,7 +7,8 @@ PYTHON ?= python3
 # pip on this kind of machine prints a warning per package for an unused local index: keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny
+.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny reproduce-tiny \
+	pretrain-tiny
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +50,12 @@ table: install ## The paper's table for BACKBONE (siglip2|maskclip): 18 evaluati
 
 table-tiny: install ## The same on tiny generated benchmarks with a tiny model and a tiny distillation (CPU) -> results/tiny.md
 	$(VENV)/bin/spar-cli table --tiny
+
+reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window vs SPAR, 3 seeds (shipped tiny model) -> results/reproduce-tiny.md, .png
+	$(VENV)/bin/spar-cli reproduce-tiny --out results
+
+pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/weights/, ~10 min on 2 CPUs)
+	$(VENV)/bin/spar-cli pretrain-tiny
 
 clean: ## Remove the virtual environment and build leftovers
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
