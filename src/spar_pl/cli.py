@@ -7,8 +7,13 @@ runs the 18 evaluations of the paper's table.
 
 ``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
-arguments it builds a tiny random SigLIP2-shaped model in-process and draws a sample scene, so it
-runs offline on a CPU; pass ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
+arguments it loads the shipped tiny model pretrained on generated shape scenes, segments a held-out scene
+and ends with a one-seed ``reproduce-tiny`` table (a short distillation), offline on a CPU; ``--backbone``
+alone builds a tiny random model (the older demo, with its tiny distillation and tiny table); pass
+``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
+
+``spar-cli reproduce-tiny`` measures single pass vs sliding window vs SPAR on generated scenes at 4x the native
+side over several seeds (``spar_pl.reproduce``); ``spar-cli pretrain-tiny`` re-creates the shipped tiny model.
 
 ``spar-cli segment IMAGE_OR_DIR... --classes "road, car, sky" --out DIR`` writes overlays and label PNGs for your
 images; ``spar-cli features IMAGE_OR_DIR... --out DIR`` writes dense features as safetensors (``--help`` on each).
@@ -417,10 +422,10 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default="results", help="writes reproduce-tiny.md and reproduce-tiny.png here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--weights", default=None, help="pretrained tiny model (default: the shipped one)")
-    parser.add_argument("--eval-images", type=_positive_int, default=24, help="held-out 256 px scenes per seed")
-    parser.add_argument("--distill-steps", type=_positive_int, default=300)
-    parser.add_argument("--distill-batch", type=_positive_int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-4, help="distillation learning rate")
+    parser.add_argument("--eval-images", type=_positive_int, default=16, help="held-out 256 px scenes per seed")
+    parser.add_argument("--distill-steps", type=_positive_int, default=120)
+    parser.add_argument("--distill-batch", type=_positive_int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     return run(

@@ -277,9 +277,9 @@ def evaluate(
 def distill(
     weights: str | Path,
     seed: int,
-    steps: int = 300,
-    batch_size: int = 4,
-    lr: float = 2e-4,
+    steps: int = 120,
+    batch_size: int = 2,
+    lr: float = 5e-4,
     trainable: str = "blk_-1,blk_-2",
     root: str | Path | None = None,
     progress: bool = False,
@@ -314,10 +314,10 @@ def distill(
 def run_seed(
     weights: str | Path,
     seed: int,
-    eval_images: int = 24,
-    distill_steps: int = 300,
-    distill_batch: int = 4,
-    lr: float = 2e-4,
+    eval_images: int = 16,
+    distill_steps: int = 120,
+    distill_batch: int = 2,
+    lr: float = 5e-4,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """One seed of the experiment: held-out scenes of that seed, preconditions, SPAR distillation, the three methods.
@@ -454,10 +454,10 @@ def reproduce_tiny(
     out: str | Path = "results",
     seeds: Sequence[int] = (0, 1, 2),
     weights: str | Path | None = None,
-    eval_images: int = 24,
-    distill_steps: int = 300,
-    distill_batch: int = 4,
-    lr: float = 2e-4,
+    eval_images: int = 16,
+    distill_steps: int = 120,
+    distill_batch: int = 2,
+    lr: float = 5e-4,
     threads: int | None = 2,
     log: Callable[[str], None] = print,
 ) -> dict[int, dict[str, float]]:
