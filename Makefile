@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install spar-pl with its dev extras
 
-quickstart: install ## Run the main job on the embedded default (tiny model, generated image; CPU, offline)
+quickstart: install ## Run the main job on the embedded default (shipped tiny pretrained model, generated scene; CPU, offline)
 	$(VENV)/bin/spar-cli quickstart
 
 test: install ## Run the whole test suite (what CI runs)
@@ -54,7 +54,7 @@ table-tiny: install ## The same on tiny generated benchmarks with a tiny model a
 reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window vs SPAR, 3 seeds (shipped tiny model) -> results/reproduce-tiny.md, .png
 	$(VENV)/bin/spar-cli reproduce-tiny --out results
 
-pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/weights/, ~10 min on 2 CPUs)
+pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/weights/; about 9 min on 2 free CPUs)
 	$(VENV)/bin/spar-cli pretrain-tiny
 
 clean: ## Remove the virtual environment and build leftovers
