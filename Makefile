@@ -7,7 +7,8 @@ PYTHON ?= python3
 # pip on this kind of machine prints a warning per package for an unused local index: keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny table-tiny-dinotxt
+.PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny table-tiny-dinotxt \
+	reproduce-tiny pretrain-tiny
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install spar-pl with its dev extras
 
-quickstart: install ## Run the main job on the embedded default (tiny model, generated image; CPU, offline)
+quickstart: install ## Run the main job on the embedded default (shipped tiny pretrained model, generated scene; CPU, offline)
 	$(VENV)/bin/spar-cli quickstart
 
 test: install ## Run the whole test suite (what CI runs)
@@ -52,6 +53,12 @@ table-tiny: install ## The same on tiny generated benchmarks with a tiny model a
 
 table-tiny-dinotxt: install ## The same with the DINOv3.txt tiny twin (CPU) -> results/dinov3txt-tiny.md
 	$(VENV)/bin/spar-cli table --backbone dinov3txt --tiny
+
+reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window vs SPAR, 3 seeds (shipped tiny model) -> results/reproduce-tiny.md, .png
+	$(VENV)/bin/spar-cli reproduce-tiny --out results
+
+pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/pretrained/; about 9 min on 2 free CPUs)
+	$(VENV)/bin/spar-cli pretrain-tiny
 
 clean: ## Remove the virtual environment and build leftovers
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

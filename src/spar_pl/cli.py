@@ -7,8 +7,13 @@ runs the 18 evaluations of the paper's table.
 
 ``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
-arguments it builds a tiny random SigLIP2-shaped model in-process and draws a sample scene, so it
-runs offline on a CPU; pass ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
+arguments it loads the shipped tiny model pretrained on generated shape scenes, segments a held-out scene
+and ends with a one-seed ``reproduce-tiny`` table (a short distillation), offline on a CPU; ``--backbone``
+alone builds a tiny random model (the older demo, with its tiny distillation and tiny table); pass
+``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
+
+``spar-cli reproduce-tiny`` measures single pass vs sliding window vs SPAR on generated scenes at 4x the native
+side over several seeds (``spar_pl.reproduce``); ``spar-cli pretrain-tiny`` re-creates the shipped tiny model.
 
 ``spar-cli segment IMAGE_OR_DIR... --classes road car "person, pedestrian" --out DIR`` writes overlays and label
 PNGs for your images (one class per argument, commas list synonyms); ``spar-cli features IMAGE_OR_DIR... --out
@@ -61,6 +66,14 @@ def sample_image(height: int = 320, width: int = 480) -> Image.Image:
     return img
 
 
+def shape_scene(seed: int = 0, size: int = 256) -> Image.Image:
+    """A held-out generated shape scene (:mod:`spar_pl.scenes`), the data the shipped tiny model was pretrained on."""
+    from spar_pl.scenes import make_scenes
+
+    image, _ = make_scenes(1, size, seed, "quickstart")
+    return Image.fromarray((image[0].permute(1, 2, 0) * 255).round().byte().numpy())
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
@@ -70,14 +83,16 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the quickstart; returns the measured numbers (also printed)."""
     parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--backbone", default="siglip2", choices=sorted(TINY_MODELS))
+    parser.add_argument(
+        "--backbone", default=None, choices=sorted(TINY_MODELS), help="default: the shipped pretrained tiny model"
+    )
     parser.add_argument("--model-name", default=None, help="open_clip name or hf-hub: id (default: tiny random)")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag")
     parser.add_argument("--weights", default=None, help="local open_clip weights file; dinov3txt: the backbone .pth")
     parser.add_argument("--head-weights", default=None, help="dinov3txt: the dino.txt head and text encoder .pth")
     parser.add_argument("--image", default=None, help="an image file (default: a generated scene)")
     parser.add_argument(
-        "--classes", nargs="+", default=list(SAMPLE_CLASSES), help="one class per argument; commas list synonyms"
+        "--classes", nargs="+", default=None, help="one class per argument; commas list synonyms (default: the scene's)"
     )
     parser.add_argument("--stride", type=int, default=24)
     parser.add_argument("--crop", type=int, default=None, help="window side (default: the model's native size)")
@@ -90,25 +105,37 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = args.model_name or (
-        TINY_MODELS[args.backbone] if args.weights is None else BACKBONES[args.backbone]["model_name"]
-    )
-    pretrained = args.pretrained if args.pretrained is not None else "default"
-    try:
-        encoder = build_encoder(
-            args.backbone,
-            name,
-            pretrained=pretrained,
-            weights=args.weights,
-            device=device,
-            head_weights=args.head_weights,
+    # No model named: the shipped tiny model pretrained on generated shape scenes (spar_pl.reproduce).
+    shipped = args.backbone is None and args.model_name is None and args.weights is None and args.pretrained is None
+    if shipped:
+        from spar_pl.reproduce import TINY_MODEL, load_tiny
+        from spar_pl.scenes import SHAPE_CLASSES
+
+        encoder, name, args.backbone = load_tiny(device=device), TINY_MODEL, "maskclip"
+        classes = args.classes or list(SHAPE_CLASSES)
+    else:
+        args.backbone = args.backbone or "siglip2"
+        name = args.model_name or (
+            TINY_MODELS[args.backbone] if args.weights is None else BACKBONES[args.backbone]["model_name"]
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise SystemExit(f"spar-cli quickstart: {err}") from err
+        pretrained = args.pretrained if args.pretrained is not None else "default"
+        try:
+            encoder = build_encoder(
+                args.backbone,
+                name,
+                pretrained=pretrained,
+                weights=args.weights,
+                device=device,
+                head_weights=args.head_weights,
+            )
+        except (OSError, ValueError, RuntimeError) as err:
+            raise SystemExit(f"spar-cli quickstart: {err}") from err
+        classes = args.classes or list(SAMPLE_CLASSES)
     random_weights = name in TINY_MODELS.values()
     print(
         f"model: {args.backbone} / {name}"
         + (" (tiny, random weights: the masks are not meaningful)" if random_weights else "")
+        + (" (tiny, pretrained on generated shape scenes at 64 px, shipped)" if shipped else "")
     )
 
     if args.image:
@@ -117,6 +144,8 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
             image = Image.open(path).convert("RGB")
         except (OSError, ValueError) as err:
             raise SystemExit(f"cannot read image {path}: {err}") from err
+    elif shipped:
+        image = shape_scene(args.seed)
     else:
         image = sample_image()
     x = encoder.normalize(to_tensor(image).to(device))
@@ -136,7 +165,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
         cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
         mse = F.mse_loss(single, sliding).item()
-        head = OpenVocabHead(encoder, segmentation_classes_or_exit(args.classes))
+        head = OpenVocabHead(encoder, segmentation_classes_or_exit(classes))
         names = [synonyms[0] for synonyms in head.classes]
         out = Path(args.out)
         for tag, feats in (("single", single), ("sliding", sliding)):
@@ -156,7 +185,13 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     print(f"single pass vs sliding window: mean cosine {cosine:.3f}, MSE {mse:.4f}")
     print(f"wrote {out}/overlay_single.png, overlay_sliding.png, labels_single.png, labels_sliding.png")
-    if not args.no_distill:
+    if not args.no_distill and shipped:
+        from spar_pl.reproduce import reproduce_tiny
+
+        print("SPAR on generated scenes with the shipped model, one seed, a short distillation (make reproduce-tiny):")
+        runs = reproduce_tiny(out, seeds=[args.seed], eval_images=8, distill_steps=40, distill_batch=2, threads=None)
+        numbers.update({f"reproduce_{k}": v for k, v in runs[args.seed].items()})
+    elif not args.no_distill:
         numbers.update(distill_demo(out / "distill"))
         from spar_pl.evaluate import table_tiny
 
@@ -428,6 +463,50 @@ def features(argv: Sequence[str] | None = None) -> int:
     return _run_batch(args, work, "features")
 
 
+def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
+    """``spar-cli reproduce-tiny``: single pass vs sliding window vs SPAR with the shipped tiny pretrained model."""
+    from spar_pl.reproduce import reproduce_tiny as run
+
+    parser = argparse.ArgumentParser(prog="spar-cli reproduce-tiny", description=reproduce_tiny.__doc__)
+    parser.add_argument("--out", default="results", help="writes reproduce-tiny.md and reproduce-tiny.png here")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--weights", default=None, help="pretrained tiny model (default: the shipped one)")
+    parser.add_argument("--eval-images", type=_positive_int, default=16, help="held-out 256 px scenes per seed")
+    parser.add_argument("--distill-steps", type=_positive_int, default=120)
+    parser.add_argument("--distill-batch", type=_positive_int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
+    parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    return run(
+        args.out,
+        args.seeds,
+        args.weights,
+        args.eval_images,
+        args.distill_steps,
+        args.distill_batch,
+        args.lr,
+        args.threads,
+    )
+
+
+def pretrain_tiny(argv: Sequence[str] | None = None) -> Path:
+    """``spar-cli pretrain-tiny``: re-create the shipped tiny pretrained model (``spar-tiny-p8`` on shape scenes)."""
+    from spar_pl.reproduce import PRETRAIN_DEFAULTS, pretrain, shipped_weights
+
+    parser = argparse.ArgumentParser(prog="spar-cli pretrain-tiny", description=pretrain_tiny.__doc__)
+    parser.add_argument("--out", default=None, help="safetensors file (default: the package's shipped weights)")
+    parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"])
+    parser.add_argument("--steps", type=_positive_int, default=PRETRAIN_DEFAULTS["steps"])
+    parser.add_argument("--batch-size", type=_positive_int, default=PRETRAIN_DEFAULTS["batch_size"])
+    parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else shipped_weights()
+    pretrain(out, seed=args.seed, steps=args.steps, batch_size=args.batch_size)
+    print(f"wrote {out}")
+    return out
+
+
 def table(argv: Sequence[str] | None = None) -> str:
     """``spar-cli table --backbone B [--ckpt C] [--tiny]``: the paper's table (``evaluate.table_command``)."""
     from spar_pl.evaluate import table_command
@@ -449,6 +528,8 @@ COMMANDS = {
     "segment": segment,
     "features": features,
     "table": table,
+    "reproduce-tiny": reproduce_tiny,
+    "pretrain-tiny": pretrain_tiny,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -467,6 +548,19 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return not any(text in record.getMessage() for text in _NOISE_LOGS)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (redirected or captured streams
+    replace it; a handler holding the old one would write to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_console() -> None:
     """A quiet, truthful console for ``spar-cli``: each log line once, known noise dropped.
 
@@ -477,7 +571,7 @@ def configure_console() -> None:
     """
     root = logging.getLogger()
     if not any(getattr(h, "spar_console", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setLevel(logging.WARNING)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         handler.spar_console = True

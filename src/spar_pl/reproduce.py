@@ -1,0 +1,497 @@
+"""A small reproduction of SPAR's effect on a CPU (``make reproduce-tiny``).
+
+A tiny MaskCLIP-style open_clip ViT (``spar-tiny-p8``: patch 8, an 8 x 8 grid at its native 64 px) is
+pretrained on generated shape scenes (:mod:`spar_pl.scenes`) to align its dense features with the text
+embeddings of the class names: this stands in for CLIP's pretraining and may use labels. On held-out scenes at
+4x the native side the experiment then compares, with the project's own components:
+
+* the single pass (:class:`~spar_pl.encoders.MaskCLIPEncoder` at 256 px: interpolated positional embeddings),
+* the sliding window (:class:`~spar_pl.sliding.SlidingWindowTeacher`, crop 64, stride 24),
+* SPAR: :class:`~spar_pl.distill.DistillModule` (its teacher, trainable blocks and MSE loss) trained through
+  Lightning on unlabelled 256 px scenes, then run in a single pass,
+
+each segmented by :class:`~spar_pl.openvocab.OpenVocabHead` with the class names and scored with torchmetrics'
+dataset-level mIoU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from open_clip import OPENAI_IMAGENET_TEMPLATES
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from spar_pl.distill import DistillModule
+from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.fileio import save_safetensors
+from spar_pl.openvocab import OpenVocabHead
+from spar_pl.scenes import SHAPE_CLASSES, make_scenes
+from spar_pl.sliding import SlidingWindowTeacher
+
+#: The open_clip config of the tiny model (``model_configs/spar-tiny-p8.json``).
+TINY_MODEL = "spar-tiny-p8"
+NATIVE = 64
+HIGH_RES = 256
+#: The recipe of the shipped weights (``spar-cli pretrain-tiny`` re-creates them).
+PRETRAIN_DEFAULTS = {"seed": 0, "steps": 3000, "batch_size": 32}
+
+
+def shipped_weights() -> Path:
+    """The pretrained tiny model shipped with the package (``scripts/pretrain_tiny.py`` re-creates it)."""
+    return Path(str(resources.files("spar_pl") / "pretrained" / f"{TINY_MODEL}-shapes.safetensors"))
+
+
+def load_tiny(weights: str | Path | None = None, device: str | torch.device = "cpu") -> DenseEncoder:
+    """The tiny MaskCLIP-style encoder with the shipped (or given) pretrained weights."""
+    with quiet_lightning():
+        return build_encoder(
+            "maskclip", TINY_MODEL, pretrained=None, weights=weights or shipped_weights(), device=device
+        )
+
+
+# -- pretraining (stands in for CLIP's) ------------------------------------------------------------------------------
+def prompt_tokens(encoder: DenseEncoder, classes: Sequence[str], templates=OPENAI_IMAGENET_TEMPLATES) -> torch.Tensor:
+    """Token ids ``(K * T, L)`` of every template filled with every class name, class-major."""
+    return encoder.tokenizer([template(name) for name in classes for template in templates])
+
+
+def class_embeddings(encoder: DenseEncoder, tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class embeddings ``(K, C)`` with gradients, computed as ``open_clip.build_zero_shot_classifier`` does
+    (mean over templates of L2-normalised text features, L2-normalised), so that
+    :class:`~spar_pl.openvocab.OpenVocabHead` sees at inference exactly what pretraining aligned to."""
+    feats = encoder.model.encode_text(tokens.to(encoder.model.positional_embedding.device), normalize=True)
+    return F.normalize(feats.view(num_classes, -1, feats.shape[-1]).mean(dim=1), dim=-1)
+
+
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Batches of generated scenes, a deterministic function of ``(stream, seed, batch index)``.
+
+    Args:
+        size: image side in pixels.
+        batch_size: scenes per batch.
+        batches: batches per pass.
+        seed: the stream's seed.
+        stream: the stream's name (pretraining, distillation and evaluation streams never share scenes).
+        labels: whether batches carry the label maps.
+    """
+
+    def __init__(self, size: int, batch_size: int, batches: int, seed: int, stream: str, labels: bool) -> None:
+        super().__init__()
+        self.size, self.batch_size, self.batches = size, batch_size, batches
+        self.seed, self.stream, self.labels = seed, stream, labels
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for b in range(self.batches):
+            start = b * self.batch_size
+            images, labels = make_scenes(self.batch_size, self.size, self.seed, self.stream, start)
+            batch = {"image": images, "id": [f"{self.stream}/{self.seed}/{start + i}" for i in range(len(images))]}
+            if self.labels:
+                batch["label"] = labels
+            yield batch
+
+
+class PretrainModule(L.LightningModule):
+    """Dense vision-language pretraining of the tiny model on labelled scenes at the native size.
+
+    Per-pixel cross-entropy of cosine logits between the L2-normalised dense features of the project's encoder
+    forward (:class:`~spar_pl.encoders.MaskCLIPEncoder`, what SPAR uses) and the class-name embeddings of the
+    text tower (trained jointly, through the 80 OpenAI templates), logits bilinearly upsampled to the image.
+
+    Args:
+        model_name: the open_clip config (random initialisation).
+        classes: class names, index = label value.
+        lr: peak AdamW learning rate (one-cycle schedule over ``max_steps``).
+        weight_decay: AdamW weight decay.
+        max_steps: length of the schedule.
+        logit_scale: multiplier of the cosine logits.
+        background_weight: cross-entropy weight of class 0 (the others weigh 1): background covers most pixels.
+    """
+
+    def __init__(
+        self,
+        model_name: str = TINY_MODEL,
+        classes: Sequence[str] = SHAPE_CLASSES,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        max_steps: int = 3000,
+        logit_scale: float = 20.0,
+        background_weight: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = build_encoder("maskclip", model_name, pretrained=None)
+        self.encoder.model.train()
+        self.register_buffer("tokens", prompt_tokens(self.encoder, classes), persistent=False)
+        weight = torch.ones(len(classes))
+        weight[0] = background_weight
+        self.register_buffer("class_weight", weight, persistent=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        feats = F.normalize(self.encoder(self.encoder.normalize(images)), dim=1)
+        text = class_embeddings(self.encoder, self.tokens, len(self.hparams.classes))
+        logits = torch.einsum("bchw,kc->bkhw", feats, text) * self.hparams.logit_scale
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, labels, weight=self.class_weight)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.hparams.lr, total_steps=self.hparams.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Silence Lightning's banners, per-run warnings and open_clip's "no pretrained weights" notice (the caller
+    prints its own summary)."""
+    names = ("", "lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class PrintLoss(L.Callback):
+    """Print the training loss every ``every`` steps (a one-line log without a progress bar)."""
+
+    def __init__(self, every: int, total: int) -> None:
+        self.every, self.total = every, total
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}: loss {float(outputs['loss']):.4f}", flush=True)
+
+
+def _trainer(max_steps: int, root: str | Path | None, progress: bool, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        deterministic=True,
+        default_root_dir=str(root) if root else None,
+        num_sanity_val_steps=0,
+    )
+
+
+def pretrain(
+    out: str | Path,
+    seed: int = 0,
+    steps: int = 3000,
+    batch_size: int = 32,
+    progress: bool = True,
+    **hparams,
+) -> DenseEncoder:
+    """Pretrain the tiny model on generated native-size scenes and write its open_clip weights (float16).
+
+    Args:
+        out: the safetensors file to write (atomically).
+        seed: seeds the initialisation and the scene stream.
+        steps: optimiser steps.
+        batch_size: scenes per step.
+        progress: print the loss every 5% of the steps.
+        **hparams: :class:`PretrainModule` arguments.
+
+    Returns:
+        the encoder with the written (float16-rounded) weights loaded, in eval mode.
+    """
+    L.seed_everything(seed, verbose=False)
+    with quiet_lightning():
+        module = PretrainModule(max_steps=steps, **hparams)
+    data = SceneBatches(NATIVE, batch_size, steps, seed, "pretrain", labels=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    with quiet_lightning():
+        _trainer(steps, None, False, [PrintLoss(max(steps // 20, 1), steps)] if progress else []).fit(module, loader)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.encoder.model.state_dict().items()}
+    meta = {"format": "open_clip", "model": TINY_MODEL, "seed": str(seed), "steps": str(steps)}
+    save_safetensors(state, out, meta)
+    return load_tiny(out)
+
+
+# -- the experiment ---------------------------------------------------------------------------------------------------
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def evaluate(
+    features: Features, head: OpenVocabHead, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 4
+) -> tuple[float, float]:
+    """Dataset-level mIoU (percent) and seconds per image of one way of computing dense features.
+
+    Args:
+        features: maps normalised images ``(B, 3, H, W)`` to dense features ``(B, C, h, w)``.
+        head: the open-vocabulary head (its encoder normalises the images).
+        images: ``(N, 3, H, W)`` in ``[0, 1]``.
+        labels: ``(N, H, W)`` class indices.
+        batch_size: images per call.
+    """
+    metric = MulticlassJaccardIndex(num_classes=head.num_classes, average="macro", ignore_index=255)
+    head.text_embeddings(images.device)  # built once, outside the timing
+    features(head.encoder.normalize(images[:1]))  # a warm-up call, outside the timing
+    elapsed = 0.0
+    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+        t0 = time.perf_counter()
+        feats = features(head.encoder.normalize(x))
+        mask = head.predict(feats, tuple(y.shape[-2:]))
+        elapsed += time.perf_counter() - t0
+        metric.update(mask, y)
+    return float(metric.compute()) * 100, elapsed / len(images)
+
+
+def distill(
+    weights: str | Path,
+    seed: int,
+    steps: int = 120,
+    batch_size: int = 2,
+    lr: float = 5e-4,
+    trainable: str = "blk_-1,blk_-2",
+    root: str | Path | None = None,
+    progress: bool = False,
+) -> DistillModule:
+    """SPAR on unlabelled high-resolution scenes: :class:`DistillModule` (teacher crop 64, stride 24) through Lightning.
+
+    Returns:
+        the trained module (its ``student`` is the SPAR model).
+    """
+    L.seed_everything(seed, verbose=False)
+    with quiet_lightning():
+        module = DistillModule(
+            backbone="maskclip",
+            model_name=TINY_MODEL,
+            pretrained=None,
+            weights=str(weights),
+            crop=NATIVE,
+            stride=24,
+            window_batch=128,
+            trainable=trainable,
+            lr=lr,
+            weight_decay=1e-4,
+        )
+    data = SceneBatches(HIGH_RES, batch_size, steps, seed, "distill", labels=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    with quiet_lightning():
+        _trainer(steps, root, progress).fit(module, loader)
+    module.student.eval()
+    return module
+
+
+def run_seed(
+    weights: str | Path,
+    seed: int,
+    eval_images: int = 16,
+    distill_steps: int = 120,
+    distill_batch: int = 2,
+    lr: float = 5e-4,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """One seed of the experiment: held-out scenes of that seed, preconditions, SPAR distillation, the three methods.
+
+    Returns:
+        mIoU (percent) and seconds per image of ``native``, ``single``, ``sliding`` and ``spar``, plus the
+        distillation time ``distill_s``.
+    """
+    encoder = load_tiny(weights).eval()
+    head = OpenVocabHead(encoder, SHAPE_CLASSES)
+    teacher = SlidingWindowTeacher(encoder, crop=NATIVE, stride=24, window_batch=128)
+    native_x, native_y = make_scenes(eval_images * 4, NATIVE, seed, "heldout-native")
+    high_x, high_y = make_scenes(eval_images, HIGH_RES, seed, "heldout")
+    r: dict[str, float] = {}
+    r["native"], r["native_s"] = evaluate(encoder, head, native_x, native_y, batch_size=32)
+    r["single"], r["single_s"] = evaluate(encoder, head, high_x, high_y)
+    r["sliding"], r["sliding_s"] = evaluate(teacher, head, high_x, high_y)
+    log(
+        f"seed {seed}: native {NATIVE}px {r['native']:.1f} | {HIGH_RES}px single pass {r['single']:.1f}, "
+        f"sliding window {r['sliding']:.1f}"
+    )
+    t0 = time.perf_counter()
+    module = distill(weights, seed, distill_steps, distill_batch, lr)
+    r["distill_s"] = time.perf_counter() - t0
+    spar_head = OpenVocabHead(module.student, SHAPE_CLASSES)
+    r["spar"], r["spar_s"] = evaluate(module.student, spar_head, high_x, high_y)
+    log(f"seed {seed}: SPAR {r['spar']:.1f} after {distill_steps} distillation steps ({r['distill_s']:.0f}s)")
+    return r
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+METHODS = (
+    ("single", f"single pass at {HIGH_RES}px"),
+    ("sliding", "sliding window (crop 64, stride 24)"),
+    ("spar", "SPAR (distilled single pass)"),
+)
+
+
+def render_markdown(runs: dict[int, dict[str, float]], settings: str, elapsed: float) -> str:
+    """The results page: preconditions, the table over seeds, per-seed rows."""
+    seeds = sorted(runs)
+    lines = [
+        "# SPAR on a CPU: tiny reproduction",
+        "",
+        settings,
+        "",
+        "| method | mIoU (mean ± std over seeds) | s/img |",
+        "|---|---|---|",
+    ]
+    for key, name in (("native", f"native {NATIVE}px single pass (precondition)"), *METHODS):
+        m, s = mean_spread([runs[k][key] for k in seeds])
+        t = statistics.fmean(runs[k][f"{key}_s"] for k in seeds)
+        lines.append(f"| {name} | {m:.1f} ± {s:.1f} | {t:.4f} |")
+    lines += ["", "| seed | native | single | sliding | SPAR | distillation s |", "|---|---|---|---|---|---|"]
+    for k in seeds:
+        r = runs[k]
+        lines.append(
+            f"| {k} | {r['native']:.1f} | {r['single']:.1f} | {r['sliding']:.1f} | {r['spar']:.1f} | "
+            f"{r['distill_s']:.0f} |"
+        )
+    ok = all(runs[k]["single"] < runs[k]["sliding"] and runs[k]["single"] < runs[k]["spar"] for k in seeds)
+    lines += [
+        "",
+        f"Ordering single < sliding and single < SPAR on every seed: {'yes' if ok else 'NO'}. "
+        f"Wall time {elapsed:.0f}s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def draw_figure(runs: dict[int, dict[str, float]], path: str | Path) -> Path:
+    """A PNG: mIoU per method (bar = mean, whisker = ± std, dots = seeds) and its cost (s/img, log scale)."""
+    from PIL import Image, ImageDraw
+
+    from spar_pl.render import save_atomic
+
+    seeds = sorted(runs)
+    keys = [k for k, _ in METHODS]
+    labels = ["single pass", "sliding window", "SPAR"]
+    colours = [(200, 90, 80), (90, 120, 200), (70, 160, 90)]
+    w, h, pad = 760, 360, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    # left panel: mIoU 0..100
+    px0, px1, py0, py1 = pad, w // 2 - 20, 40, h - 50
+    d.text((px0, 10), "held-out mIoU at 256 px (mean, std, seeds)", fill="black")
+    top = max(max(runs[s][k] for s in seeds for k in keys), runs[seeds[0]]["native"]) * 1.15
+
+    def y_of(v: float, lo: float = 0.0, hi: float = top) -> float:
+        return py1 - (v - lo) / (hi - lo) * (py1 - py0)
+
+    d.line([(px0, py0), (px0, py1), (px1, py1)], fill="black")
+    for tick in range(0, int(top) + 1, 10):
+        d.line([(px0 - 4, y_of(tick)), (px0, y_of(tick))], fill="black")
+        d.text((px0 - 28, y_of(tick) - 6), f"{tick}", fill="black")
+    native = mean_spread([runs[s]["native"] for s in seeds])[0]
+    d.line([(px0, y_of(native)), (px1, y_of(native))], fill=(150, 150, 150))
+    d.text((px0 + 4, y_of(native) - 13), f"native 64 px: {native:.1f}", fill=(110, 110, 110))
+    slot = (px1 - px0) / len(keys)
+    for i, key in enumerate(keys):
+        m, s = mean_spread([runs[k][key] for k in seeds])
+        x0, x1 = px0 + slot * i + 15, px0 + slot * (i + 1) - 15
+        d.rectangle([x0, y_of(m), x1, py1], fill=colours[i])
+        xc = (x0 + x1) / 2
+        d.line([(xc, y_of(m - s)), (xc, y_of(m + s))], fill="black", width=2)
+        for v in (runs[k][key] for k in seeds):
+            d.ellipse([xc + 8 - 2, y_of(v) - 2, xc + 8 + 2, y_of(v) + 2], fill="black")
+        d.text((x0, py1 + 6), labels[i], fill="black")
+        d.text((x0, y_of(m + s) - 14), f"{m:.1f}", fill="black")
+    # right panel: s/img, log scale
+    qx0, qx1 = w // 2 + 40, w - 20
+    d.text((qx0, 10), "cost: seconds per image (log scale)", fill="black")
+    costs = [statistics.fmean(runs[k][f"{key}_s"] for k in seeds) for key in keys]
+    lo, hi = math.log10(min(costs)) - 0.5, math.log10(max(costs)) + 0.3
+    d.line([(qx0, py0), (qx0, py1), (qx1, py1)], fill="black")
+    for e in range(math.ceil(lo), math.floor(hi) + 1):
+        d.line([(qx0 - 4, y_of(e, lo, hi)), (qx0, y_of(e, lo, hi))], fill="black")
+        d.text((qx0 - 38, y_of(e, lo, hi) - 6), f"1e{e}", fill="black")
+    slot = (qx1 - qx0) / len(keys)
+    for i, c in enumerate(costs):
+        x0, x1 = qx0 + slot * i + 15, qx0 + slot * (i + 1) - 15
+        d.rectangle([x0, y_of(math.log10(c), lo, hi), x1, py1], fill=colours[i])
+        d.text((x0, y_of(math.log10(c), lo, hi) - 14), f"{c:.4f}", fill="black")
+        d.text((x0, py1 + 6), labels[i], fill="black")
+    d.text((pad, h - 22), f"{len(seeds)} seeds; tiny ViT patch 8, native 64 px; CPU", fill=(80, 80, 80))
+    return save_atomic(img, path)
+
+
+def reproduce_tiny(
+    out: str | Path = "results",
+    seeds: Sequence[int] = (0, 1, 2),
+    weights: str | Path | None = None,
+    eval_images: int = 16,
+    distill_steps: int = 120,
+    distill_batch: int = 2,
+    lr: float = 5e-4,
+    threads: int | None = 2,
+    log: Callable[[str], None] = print,
+) -> dict[int, dict[str, float]]:
+    """The whole experiment over ``seeds``; prints the table, writes ``reproduce-tiny.md`` and ``reproduce-tiny.png``.
+
+    Args:
+        out: results folder.
+        seeds: experiment seeds (held-out scenes, distillation scenes and initialisation of each run).
+        weights: the pretrained tiny model (default: the shipped one).
+        eval_images: held-out 256 px scenes per seed (the native precondition uses 4x as many 64 px scenes).
+        distill_steps: distillation steps per seed.
+        distill_batch: unlabelled 256 px scenes per distillation step.
+        lr: distillation AdamW learning rate.
+        threads: torch CPU threads (``None``: leave as is).
+        log: where progress lines go.
+    """
+    from spar_pl.fileio import write_text
+
+    if threads:
+        torch.set_num_threads(threads)
+    weights = Path(weights) if weights else shipped_weights()
+    t0 = time.perf_counter()
+    runs = {s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log=log) for s in seeds}
+    elapsed = time.perf_counter() - t0
+    settings = (
+        f"Model `{TINY_MODEL}` (MaskCLIP-style open_clip ViT, patch 8, 4 blocks, width 128, native 64 px) with "
+        f"weights `{weights.name}`; {eval_images} held-out {HIGH_RES}px scenes per seed; SPAR: "
+        f"`DistillModule` (crop 64, stride 24, trainable `blk_-1,blk_-2`, MSE, AdamW lr {lr:g}), "
+        f"{distill_steps} steps x {distill_batch} unlabelled {HIGH_RES}px scenes; seeds {', '.join(map(str, seeds))}."
+    )
+    text = render_markdown(runs, settings, elapsed)
+    out = Path(out)
+    write_text(out / "reproduce-tiny.md", text)
+    draw_figure(runs, out / "reproduce-tiny.png")
+    log(text)
+    log(f"wrote {out / 'reproduce-tiny.md'} and {out / 'reproduce-tiny.png'}")
+    return runs
