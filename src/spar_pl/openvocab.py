@@ -16,6 +16,7 @@ out chunk by chunk (float16 files written in pieces).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -103,6 +104,8 @@ class OpenVocabHead(nn.Module):
         self.encoder = encoder
         self.classes = parse_classes(classes)
         self.synonyms = [name for names in self.classes for name in names]
+        #: index of each class's first synonym, and the synonym count last: class k is synonyms starts[k]:starts[k+1]
+        self.starts = [0, *itertools.accumulate(len(names) for names in self.classes)]
         self.register_buffer(
             "synonym_class",
             torch.tensor([k for k, names in enumerate(self.classes) for _ in names]),
@@ -154,13 +157,10 @@ class OpenVocabHead(nn.Module):
         """Max over each class's synonyms of synonym probabilities ``(B, S', H, W)`` for the classes from ``first``."""
         if len(self.synonyms) == self.num_classes:
             return probs
-        index = self.synonym_class.to(probs.device)[self._synonym_start(first) :][: probs.shape[1]] - first
+        index = self.synonym_class.to(probs.device)[self.starts[first] :][: probs.shape[1]] - first
         out = probs.new_zeros(probs.shape[0], int(index.max()) + 1, *probs.shape[2:])
         index = index.view(1, -1, 1, 1).expand_as(probs)
         return out.scatter_reduce_(1, index, probs, reduce="amax", include_self=False)
-
-    def _synonym_start(self, cls: int) -> int:
-        return sum(len(names) for names in self.classes[:cls])
 
     def class_chunks(self, pixels: int, budget_bytes: int = 1 << 26) -> list[tuple[int, int]]:
         """Ranges ``(k0, k1)`` of whole classes whose synonyms' float32 maps of ``pixels`` fit ``budget_bytes``."""
@@ -239,7 +239,7 @@ class OpenVocabHead(nn.Module):
         best_syn = torch.zeros((batch, *size), dtype=torch.long, device=device)
         lse = torch.full((batch, *size), -torch.inf, device=device)
         for k0, k1 in chunks:
-            s0, s1 = self._synonym_start(k0), self._synonym_start(k1)
+            s0, s1 = self.starts[k0], self.starts[k1]
             z = logits(s0, s1).float() * self.logit_scale
             top, arg = z.max(dim=1)
             better = top > best  # strict: ties keep the earlier synonym, hence the lower class, as argmax does
@@ -256,7 +256,7 @@ class OpenVocabHead(nn.Module):
             if not bool(keep.all()):
                 best = torch.full_like(best, -torch.inf)
                 for k0, k1 in chunks:
-                    s0, s1 = self._synonym_start(k0), self._synonym_start(k1)
+                    s0, s1 = self.starts[k0], self.starts[k1]
                     z = logits(s0, s1).float() * self.logit_scale
                     kept = keep[:, synonym_class[s0:s1]]  # (B, s1 - s0): suppressed classes score 0
                     z = z.masked_fill(~kept[:, :, None, None], -torch.inf)
@@ -268,7 +268,7 @@ class OpenVocabHead(nn.Module):
         pred = pred.masked_fill(torch.exp(best - lse) < self.prob_thd, 0)
         if probs_out is not None:
             for k0, k1 in chunks:
-                s0, s1 = self._synonym_start(k0), self._synonym_start(k1)
+                s0, s1 = self.starts[k0], self.starts[k1]
                 probs = torch.exp(logits(s0, s1).float() * self.logit_scale - lse[:, None])
                 probs_out(k0, k1, self.class_scores(probs, k0))
         return pred
