@@ -63,6 +63,23 @@ def test_stale_temporary_files_are_cleaned(tmp_path):
     assert store.clean_temporary() == 1 and not stale.exists() and keep.exists()
 
 
+def test_only_the_owner_cleans_and_writes_the_manifest(tmp_path):
+    """Under DDP every rank opens the cache; a second rank must not remove the owner's half-written files (a race
+    that once failed the two-process cache test) nor write the manifest itself."""
+    root = tmp_path / "cache"
+    TeacherCache(root, MANIFEST, owner=False)
+    assert not root.exists()
+    TeacherCache(root, MANIFEST)
+    (manifest := root / "manifest.json").unlink()
+    writing = root / ".manifest.json.abc123.tmp"
+    writing.write_text("{")
+    follower = TeacherCache(root, MANIFEST, owner=False)
+    assert writing.exists() and not manifest.exists()
+    follower.save("x.jpg", "c", torch.zeros(2, 1, 1))
+    TeacherCache(root, MANIFEST)  # the owner, as a killed run's successor: cleans, rewrites the manifest
+    assert not writing.exists() and manifest.is_file() and follower.load("x.jpg", "c") is not None
+
+
 def cache_args(images, store, *extra):  # noqa: F811
     args = ["--config", TINY, "--data.init_args.train_source", str(images / "train")]
     return [*args, "--model.init_args.teacher_cache", str(store), "--trainer.enable_progress_bar", "false", *extra]

@@ -53,21 +53,27 @@ class TeacherCache:
     Args:
         root: the cache folder (created).
         manifest: the configuration every entry must match (keys :data:`MANIFEST_KEYS`).
+        owner: whether this process owns the folder: it removes what killed writers left (:meth:`clean_temporary`)
+            and writes ``manifest.json``. Under DDP only global rank 0 is the owner, and the other ranks write no
+            entry before a barrier; two owners at once would remove each other's temporary files.
     """
 
-    def __init__(self, root: str | Path, manifest: dict) -> None:
+    def __init__(self, root: str | Path, manifest: dict, owner: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.manifest = {k: str(manifest[k]) for k in MANIFEST_KEYS}
         self.rejected = 0
+        if not owner:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clean_temporary()
         text = json.dumps(self.manifest, indent=2)
         manifest_file = self.root / "manifest.json"
         if not manifest_file.is_file() or manifest_file.read_text(encoding="utf-8") != text:
             write_text(manifest_file, text)
 
     def clean_temporary(self) -> int:
-        """Remove temporary files a killed writer left behind; returns how many. Call it before any writer
-        starts (one process: under DDP, global rank 0 before a barrier)."""
+        """Remove temporary files a killed writer left behind; returns how many. The owner calls it on opening,
+        before any writer starts (under DDP, global rank 0 before a barrier)."""
         stale = list(self.root.glob(".*.safetensors.*.tmp")) + list(self.root.glob(".manifest.json.*.tmp"))
         for path in stale:
             path.unlink(missing_ok=True)

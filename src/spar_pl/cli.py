@@ -725,6 +725,10 @@ def main(args: Sequence[str] | None = None) -> None:
             lightning_cli(args)
         else:
             COMMANDS[command](argv[1:])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # left to interpreter exit, a DDP run on gloo now and then aborts after its work is done ("terminate
+            # called without an active exception", exit status -6)
+            torch.distributed.destroy_process_group()
     except USER_ERRORS as err:
         print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None

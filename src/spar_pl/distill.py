@@ -103,8 +103,9 @@ class DistillModule(L.LightningModule):
                 f"batch_size={data.batch_size}); fresh augmentation needs the in-step teacher (teacher_cache: null)"
             )
 
-    def open_cache(self, datamodule, precision: str) -> TeacherCache:
-        """The teacher cache for this model and the data module's augmentation (checks compatibility)."""
+    def open_cache(self, datamodule, precision: str, owner: bool = True) -> TeacherCache:
+        """The teacher cache for this model and the data module's augmentation (checks compatibility); ``owner``:
+        see :class:`~spar_pl.cache.TeacherCache` (under DDP, global rank 0 only)."""
         self.check_cache_data(datamodule)
         hp, data = self.hparams, datamodule.hparams
         manifest = {
@@ -117,13 +118,12 @@ class DistillModule(L.LightningModule):
             "augmentation": repr(datamodule.augmentation),
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
         }
-        return TeacherCache(hp.teacher_cache, manifest)
+        return TeacherCache(hp.teacher_cache, manifest, owner)
 
     def setup(self, stage: str) -> None:
         if self.hparams.teacher_cache and stage == "fit":
-            self.cache = self.open_cache(self.trainer.datamodule, self.trainer.precision)
-            if self.trainer.is_global_zero:  # before any rank writes: Lightning holds a barrier after setup
-                self.cache.clean_temporary()
+            # one owner cleans and writes the manifest before any rank writes: Lightning holds a barrier after setup
+            self.cache = self.open_cache(self.trainer.datamodule, self.trainer.precision, self.trainer.is_global_zero)
 
     def targets(
         self,
@@ -245,9 +245,8 @@ class TeacherCacheTask(L.LightningModule):
         self.loader = None
 
     def setup(self, stage: str) -> None:
-        self.store = self.distill.open_cache(self.data, self.trainer.precision)
-        if self.trainer.is_global_zero:  # before any rank writes: Lightning holds a barrier after setup
-            self.store.clean_temporary()
+        # one owner cleans and writes the manifest before any rank writes: Lightning holds a barrier after setup
+        self.store = self.distill.open_cache(self.data, self.trainer.precision, self.trainer.is_global_zero)
 
     def predict_dataloader(self):
         self.data.trainer = self.trainer  # this rank's share
