@@ -101,15 +101,15 @@ def test_hand_computed_three_class_example():
     module = tiny_eval(classes=["a", "b", "c"])
     label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
-    module.miou.update(pred, label)
-    module.iou.update(pred, label)
+    miou, iou = module.metrics["mIoU"], module.metrics["IoU"]
+    module.metrics.update(pred, label)
     # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1, fn 1 -> 2/4; class 2: tp 1, fp 1, fn 1 -> 1/3
     expected = [1 / 3, 2 / 4, 1 / 3]
-    torch.testing.assert_close(module.iou.compute(), torch.tensor(expected))
-    assert float(module.miou.compute()) == pytest.approx(sum(expected) / 3)
-    module.miou.reset()
-    module.miou.update(torch.tensor([0, 0]), torch.tensor([0, 1]))  # class 2 absent from both: excluded
-    assert float(module.miou.compute()) == pytest.approx((1 / 2 + 0) / 2)
+    torch.testing.assert_close(iou.compute(), torch.tensor(expected))
+    assert float(miou.compute()) == pytest.approx(sum(expected) / 3)
+    module.metrics.reset()
+    module.metrics.update(torch.tensor([0, 0]), torch.tensor([0, 1]))  # class 2 absent from both: excluded
+    assert float(miou.compute()) == pytest.approx((1 / 2 + 0) / 2)
 
 
 def test_batch_size_does_not_change_the_numbers(bench, tmp_path):
@@ -134,7 +134,7 @@ def test_sliding_mode_and_checkpoint_rows(bench, tmp_path):
     run_test(module, SegDataModule("voc20", str(bench["voc20"])))
     entry = json.loads((tmp_path / "t.json").read_text())[-1]
     assert entry["dataset"] == "voc20" and entry["images"] == 3 and entry["row"].startswith("pretrained, sliding")
-    assert set(entry["per_class_IoU"]) == {n[0] for n in base.head.classes}
+    assert set(entry["per_class_IoU"]) == {n[0] for n in base.classes}
 
 
 def test_table_runs_and_rendering(tmp_path):
@@ -221,7 +221,7 @@ def test_shipped_configs_give_the_published_protocol(backbone, dataset, expected
     argv += ["--config", str(ROOT / "configs" / "backbones" / f"{backbone}.yaml")]
     argv += ["--model.init_args.model_name", tiny, "--model.init_args.pretrained", "null"]
     cli = lightning_cli(argv, run=False)
-    head = cli.model.head
+    head = cli.model.build_head()
     assert (head.logit_scale, head.prob_thd, head.area_thd) == expected
     assert cli.model.encoder.backbone == backbone
 
@@ -234,7 +234,7 @@ def test_logits_level_sliding_evaluation_follows_the_authors(bench):
     image = torch.rand(3, 80, 112)
     with torch.no_grad():
         x = logits.encoder.normalize(image[None])
-        text = logits.head.text_embeddings("cpu")
+        text = logits.build_head().text
         canvas, count = torch.zeros(len(text), 80, 112), torch.zeros(1, 80, 112)
         from spar_pl.sliding import window_starts
 

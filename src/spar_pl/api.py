@@ -39,9 +39,9 @@ from PIL import Image, ImageOps
 
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.fileio import safetensors_writer, save_safetensors
-from spar_pl.openvocab import BENCHMARK_CLASSES, OpenVocabHead, parse_classes
+from spar_pl.openvocab import BENCHMARK_CLASSES, SEGMENT_MODES, OpenVocabHead, parse_classes
 from spar_pl.render import label_image, overlay, save_atomic
-from spar_pl.sliding import SlidingWindowTeacher
+from spar_pl.sliding import FEATURE_MODES, dense_features
 
 __all__ = [
     "SPAR",
@@ -65,9 +65,7 @@ ALPHA_BACKGROUND = (1.0, 1.0, 1.0)
 #: File suffixes taken from a directory (case-insensitive); files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 #: ``features`` modes: single pass, or the sliding-window teacher's features.
-MODES = ("single", "sliding")
-#: ``segment`` modes: single pass, the authors' logits-level sliding window, or the teacher's features + head.
-SEGMENT_MODES = ("single", "sliding", "sliding-features")
+MODES = FEATURE_MODES
 #: ``format`` metadata of the features files written by :meth:`SPAR.write_features`.
 FEATURES_FORMAT = "spar-pl/features/v1"
 
@@ -436,10 +434,9 @@ class SPAR:
 
     def _encode(self, x: torch.Tensor, name: str, mode: str, stride: int, crop: int | None) -> torch.Tensor:
         """Single-pass (``single``) or sliding-window teacher (``sliding``) features of a normalised input."""
-        run = self.encoder if mode == "single" else SlidingWindowTeacher(self.encoder, crop=crop, stride=stride)
         try:
             with torch.inference_mode(), autocast(self.precision, x.device):
-                return run(x).float()
+                return dense_features(self.encoder, x, mode, crop, stride).float()
         except ValueError as err:  # e.g. an image smaller than one patch: say which image
             raise ImageInputError(f"{name}: {err}") from err
 
@@ -563,7 +560,9 @@ class SPAR:
         head = self._head
         if head is None or (head.classes, head.logit_scale, head.prob_thd) != (parsed, logit_scale, prob_thd):
             entries = [", ".join(names) for names in parsed]
-            head = self._head = OpenVocabHead(self.encoder, entries, logit_scale=logit_scale, prob_thd=prob_thd)
+            head = self._head = OpenVocabHead.from_encoder(
+                self.encoder, entries, logit_scale=logit_scale, prob_thd=prob_thd
+            )
         return head
 
     def segment(
@@ -623,12 +622,7 @@ class SPAR:
             out = keep if (probs is not None or write is not None) else None
             try:
                 with torch.inference_mode(), autocast(self.precision, x.device):
-                    if mode == "sliding":
-                        crop = crop or self.encoder.native_size
-                        mask = head.predict_sliding(self.encoder, x, size, crop, stride, window_batch, probs_out=out)
-                    else:
-                        feats = self._encode(x, name, "single" if mode == "single" else "sliding", stride, crop)
-                        mask = head.predict(feats, size, probs_out=out)
+                    mask = head.segment(self.encoder, x, size, mode, crop, stride, window_batch, probs_out=out)
             except ImageInputError:
                 raise
             except ValueError as err:  # e.g. an image smaller than one patch: say which image

@@ -1,8 +1,8 @@
 """SPAR distillation: a frozen sliding-window teacher, a trainable single-pass student, MSE on features.
 
 ``SPAR.md`` section 3. The teacher is a frozen copy of the student's initial backbone wrapped in a
-:class:`~spar_pl.sliding.SlidingWindowTeacher`. It is not a registered submodule: it follows the module's
-device and dtype, stays in eval mode without gradients, and never enters a checkpoint.
+:class:`~spar_pl.sliding.SlidingWindowTeacher`: a registered child (model summaries, device moves and wrapping
+policies see it) in eval mode without gradients, kept out of checkpoints by :meth:`DistillModule.on_save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -66,31 +66,32 @@ class DistillModule(L.LightningModule):
         shared = {id(m): m for name, m in model.named_children() if name != "visual"}
         shared.update({id(p): p for p in model._parameters.values() if p is not None})
         teacher_encoder = copy.deepcopy(self.student, memo=shared).eval().requires_grad_(False)
-        # Not an attribute nn.Module registers: kept out of state_dict, parameters() and checkpoints.
-        teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
-        object.__setattr__(self, "_teacher", teacher)
+        self.teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
         self.student.train()
         self.cache: TeacherCache | None = None
 
-    @property
-    def teacher(self) -> SlidingWindowTeacher:
-        """The frozen sliding-window teacher."""
-        return self._teacher
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._teacher._apply(fn, *args, **kwargs)  # follow .to(device) / .half() without being a child
-        return self
-
     def train(self, mode: bool = True):
         super().train(mode)
-        self._teacher.eval()
+        self.teacher.eval()  # frozen: dropout and the like stay off while the student trains
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the teacher out of checkpoints: it is the initial backbone, rebuilt from the configuration."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put this module's own teacher back into a checkpoint's state dict (saved without it), so that strict
+        loading checks every student key and the teacher stays the frozen initial backbone."""
+        state = checkpoint["state_dict"]
+        for key, value in self.teacher.state_dict(prefix="teacher.").items():
+            state.setdefault(key, value)
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
-        return self._teacher(images).float()
+        return self.teacher(images).float()
 
     def check_cache_data(self, datamodule) -> None:
         """Raise ``ValueError`` unless the data module can use a teacher cache (fixed augmentation, batch size 1)."""
@@ -111,9 +112,9 @@ class DistillModule(L.LightningModule):
         manifest = {
             "backbone": hp.backbone,
             "model_name": self.student.model_name,
-            "weights": weights_fingerprint(self._teacher.encoder.model.visual),  # the values, whatever their name
-            "crop": self._teacher.crop,
-            "stride": self._teacher.stride,
+            "weights": weights_fingerprint(self.teacher.encoder.model.visual),  # the values, whatever their name
+            "crop": self.teacher.crop,
+            "stride": self.teacher.stride,
             "seed": data.seed,
             "augmentation": repr(datamodule.augmentation),
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
