@@ -151,7 +151,8 @@ def dense_features(
     if mode == "single":
         return encoder(images)
     if mode == "sliding":
-        return sliding_window(encoder, images, int(crop or encoder.native_size), stride, encoder.patch_size, window_batch)
+        crop = int(crop or encoder.native_size)
+        return sliding_window(encoder, images, crop, stride, encoder.patch_size, window_batch)
     raise ValueError(f"unknown feature mode {mode!r}; choose one of {', '.join(FEATURE_MODES)}")
 
 
