@@ -139,11 +139,12 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
 
     if args.image:
-        path = Path(args.image)
+        from spar_pl.images import read_image, to_pil
+
         try:
-            image = Image.open(path).convert("RGB")
+            image = to_pil(read_image(args.image))  # the one image reader: EXIF, transparency, 16-bit, grayscale
         except (OSError, ValueError) as err:
-            raise SystemExit(f"cannot read image {path}: {err}") from err
+            raise SystemExit(str(err)) from err
     elif shipped:
         image = shape_scene(args.seed)
     else:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from spar_pl.images import read_image
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -164,14 +166,11 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, label_path, name = self.samples[index]
         label = read_label(label_path, self.benchmark.reduce_zero_label)
-        try:
-            with Image.open(image_path) as img:
-                rgb = np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError) as err:
-            raise ValueError(f"cannot read image {image_path}: {err}") from err
-        if rgb.shape[:2] != label.shape:
-            raise ValueError(f"image {image_path} is {rgb.shape[:2]} but its label {label_path} is {label.shape}")
-        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+        image = read_image(image_path)  # the one image reader (ImageInputError, a ValueError, names the file)
+        if tuple(image.shape[1:]) != label.shape:
+            raise ValueError(
+                f"image {image_path} is {tuple(image.shape[1:])} but its label {label_path} is {label.shape}"
+            )
         size = eval_size(*label.shape, *self.benchmark.max_sides)
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         return {"image": image, "label": torch.from_numpy(label), "name": name}
