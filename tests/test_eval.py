@@ -250,3 +250,19 @@ def test_logits_level_sliding_evaluation_follows_the_authors(bench):
         got = logits.predict_mask(image, (60, 84))
         assert torch.equal(got, expected)
         assert not torch.equal(got, features.predict_mask(image, (60, 84)))
+
+
+def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(bench, tmp_path):
+    """The results entry goes through ``ResultsFile`` (attached by the task); a results file that is not a JSON
+    list stops the run before any image is evaluated, naming the file, and is left as it was."""
+    module = tiny_eval(classes="voc20", results_dir=str(tmp_path), results_name="t")
+    assert [type(c).__name__ for c in module.configure_callbacks()] == ["ResultsFile"]
+    assert tiny_eval(results_dir=None).configure_callbacks() == []
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"results file .*t\.json is not valid JSON"):
+        run_test(module, SegDataModule("voc20", str(bench["voc20"])))
+    assert int(module.images) == 0 and (tmp_path / "t.json").read_text() == "{not json"
+    (tmp_path / "t.json").unlink()
+    run_test(module, SegDataModule("voc20", str(bench["voc20"])))
+    entries = json.loads((tmp_path / "t.json").read_text())
+    assert len(entries) == 1 and entries[0] == module.results and entries[0]["images"] == 3

@@ -287,7 +287,8 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     ``model.teacher_cache`` with the config's trainer: its device(s), strategy (DDP over ``devices`` x ``num_nodes``,
     each rank a disjoint share of the images) and precision. Resumable: valid entries are kept after a header check;
     missing, corrupt or stale ones are computed. One summary for the whole job."""
-    from spar_pl.distill import CacheWriter, TeacherCacheTask
+    from spar_pl.callbacks import CacheWriter
+    from spar_pl.distill import TeacherCacheTask
 
     cli = lightning_cli(list(argv or []), run=False)
     task = TeacherCacheTask(cli.model, cli.datamodule)

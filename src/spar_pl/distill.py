@@ -8,14 +8,13 @@ policies see it) in eval mode without gradients, kept out of checkpoints by :met
 from __future__ import annotations
 
 import copy
-import warnings
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
+from spar_pl.callbacks import DataEpoch, SkippedImages
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.sliding import SlidingWindowTeacher
 
@@ -176,54 +175,13 @@ class DistillModule(L.LightningModule):
         with torch.no_grad():
             return {"id": batch.get("id"), "features": self.student(self.student.normalize(batch["image"])).cpu()}
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped", 0)
-        total = int(self.trainer.strategy.reduce(torch.tensor(float(skipped), device=self.device), reduce_op="sum"))
-        self.log("train/skipped_images", float(total), sync_dist=False)
-        if total and self.trainer.is_global_zero:
-            warnings.warn(f"epoch {self.current_epoch}: skipped {total} unreadable images (named above)", stacklevel=1)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The loop's work for this task: the data module's epoch, and the count of skipped images."""
+        return [DataEpoch(), SkippedImages()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-
-class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps and at every epoch's end: what ``--ckpt_path last`` resumes.
-
-    A long epoch is not lost to a stop mid-epoch: the checkpoint holds the training loader's position
-    (:class:`~spar_pl.data.ResumableLoader`), so a resumed run continues with the next image. Lightning's
-    ``ModelCheckpoint`` takes either a step or an epoch interval, not both; this one does both and keeps no other
-    file.
-
-    Args:
-        every_n_train_steps: steps between mid-epoch checkpoints (0: at epoch ends only).
-        dirpath: the checkpoint folder (default: the logger's run folder, ``.../version_N/checkpoints``).
-    """
-
-    def __init__(self, every_n_train_steps: int = 1000, dirpath: str | None = None) -> None:
-        if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
-        super().__init__(
-            dirpath=dirpath,
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=every_n_train_steps or None,
-            every_n_epochs=None if every_n_train_steps else 1,
-            save_on_train_epoch_end=True,
-        )
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # skips a step that was just saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-CACHE_COUNTS = ("written", "kept", "recomputed", "skipped", "bytes", "float32_bytes")
 
 
 class TeacherCacheTask(L.LightningModule):
@@ -263,33 +221,3 @@ class TeacherCacheTask(L.LightningModule):
         if not self.store.is_valid(image_id, content, shape):
             out["features"] = self.distill.teacher_features(self.distill.student.normalize(image))[0]
         return out
-
-
-class CacheWriter(BasePredictionWriter):
-    """Writes :class:`TeacherCacheTask` predictions as cache entries, counts them, and sums the counts over the
-    ranks at the end (``totals`` and ``per_rank`` on every rank)."""
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="batch")
-        self.counts = dict.fromkeys(CACHE_COUNTS, 0)
-        self.totals: dict[str, int] = {}
-        self.per_rank: list[dict[str, int]] = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        store, counts = pl_module.store, self.counts
-        if prediction["features"] is None:
-            counts["kept"] += 1
-        else:
-            store.save(prediction["id"], prediction["content"], prediction["features"])
-            counts["written"] += 1
-        h, w = prediction["shape"]
-        counts["bytes"] += store.path(prediction["id"]).stat().st_size
-        counts["float32_bytes"] += 4 * pl_module.distill.student.embed_dim * h * w
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self.counts["recomputed"] = pl_module.store.rejected
-        self.counts["skipped"] = pl_module.loader.dataset.skipped.value
-        local = torch.tensor([float(self.counts[k]) for k in CACHE_COUNTS], device=pl_module.device)
-        gathered = trainer.strategy.all_gather(local).reshape(-1, len(CACHE_COUNTS)).cpu()
-        self.per_rank = [dict(zip(CACHE_COUNTS, map(int, row.tolist()))) for row in gathered]
-        self.totals = {k: sum(r[k] for r in self.per_rank) for k in CACHE_COUNTS}

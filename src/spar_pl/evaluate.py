@@ -21,6 +21,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from spar_pl.callbacks import ResultsFile
 from spar_pl.encoders import build_encoder
 from spar_pl.fileio import write_text
 from spar_pl.openvocab import SEGMENT_MODES, OpenVocabHead, parse_classes
@@ -205,34 +206,30 @@ class SegEvalModule(L.LightningModule):
         for name, value in zip(names, per_class):
             self.log(f"test/IoU/{name}", value * 100)
         hp = self.hparams
-        if hp.results_dir and self.trainer.is_global_zero:
-            dataset = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("dataset", hp.classes)
-            entry = {
-                "dataset": dataset,
-                "row": self.row,
-                "mIoU": miou * 100,
-                "per_class_IoU": dict(zip(names, (v * 100 for v in per_class))),
-                "images": images,
-                "pixels": pixels,
-                "seconds_per_image": seconds / max(images, 1),
-                "peak_memory_mb": self.peak_memory_mb(),
-                "devices": self.trainer.world_size,
-                "config": {
-                    k: hp[k]
-                    for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
-                }
-                | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
-                | self.protocol,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("dataset", hp.classes)
+        #: this run's numbers, the entry :class:`~spar_pl.callbacks.ResultsFile` appends to the results file
+        self.results = {
+            "dataset": dataset,
+            "row": self.row,
+            "mIoU": miou * 100,
+            "per_class_IoU": dict(zip(names, (v * 100 for v in per_class))),
+            "images": images,
+            "pixels": pixels,
+            "seconds_per_image": seconds / max(images, 1),
+            "peak_memory_mb": self.peak_memory_mb(),
+            "devices": self.trainer.world_size,
+            "config": {
+                k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
             }
-            append_result(Path(hp.results_dir) / f"{hp.results_name or hp.backbone}.json", entry)
+            | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
+            | self.protocol,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
-
-def append_result(path: Path, entry: dict) -> None:
-    """Append one entry to a JSON list file, atomically (temporary file, then rename)."""
-    entries = json.loads(path.read_text()) if path.is_file() else []
-    entries.append(entry)
-    write_text(path, json.dumps(entries, indent=1))
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
+        hp = self.hparams
+        return [ResultsFile(hp.results_dir, hp.results_name or hp.backbone)] if hp.results_dir else []
 
 
 def render_table(results: Path, out: Path | None = None, title: str | None = None) -> str:
