@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 
 from spar_pl.images import read_image
@@ -176,25 +177,6 @@ class SegDataset(torch.utils.data.Dataset):
         return {"image": image, "label": torch.from_numpy(label), "name": name}
 
 
-class RankShard(torch.utils.data.IterableDataset):
-    """This rank's (and loader worker's) stride of a map-style dataset: every item exactly once overall."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__()
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
-
-    def indices(self) -> range:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return range(self.rank * workers + worker, len(self.dataset), self.world_size * workers)
-
-    def __iter__(self):
-        return (self.dataset[i] for i in self.indices())
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.world_size))
-
-
 def collate_lists(samples: list[dict]) -> dict:
     """Keep images and labels as lists: their sizes differ, and each is evaluated at its own size."""
     return {key: [s[key] for s in samples] for key in samples[0]}
@@ -227,10 +209,21 @@ class SegDataModule(L.LightningDataModule):
         self.data = SegDataset(self.hparams.dataset, self.hparams.root, self.hparams.split)
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
+        """This rank's share, every image exactly once over the ranks (Lightning's unrepeated sampler: ranks take
+        every ``world_size``-th image from their rank on; none is padded in, so no image counts twice)."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = None
+        if world > 1:
+            if len(self.data) < world:
+                raise ValueError(
+                    f"{self.hparams.dataset}: {len(self.data)} images cannot be shared by {world} processes; "
+                    f"use at most {len(self.data)} devices"
+                )
+            sampler = UnrepeatedDistributedSampler(self.data, num_replicas=world, rank=rank, shuffle=False)
         return torch.utils.data.DataLoader(
-            RankShard(self.data, rank, world),
+            self.data,
+            sampler=sampler,
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_lists,
