@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spar_pl.evaluate import SegEvalModule, render_table, table_runs
+from spar_pl.evaluate import SegEvalModule
 from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label, write_tiny_benchmarks
+from spar_pl.table import render_table, table_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +184,7 @@ def test_ddp_counts_every_image_exactly_once(bench, tmp_path):
 
 @pytest.mark.slow
 def test_table_tiny_end_to_end(tmp_path):
-    from spar_pl.evaluate import table_command
+    from spar_pl.table import table_command
 
     table = table_command(["--tiny", "--results", str(tmp_path)])
     rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
