@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.encoders import build_encoder
@@ -53,10 +52,6 @@ class SegEvalModule(L.LightningModule):
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
-        protocol_overrides: per benchmark (the ``classes`` name), settings of the published protocol that differ
-            for this backbone, e.g. MaskCLIP on VOC21 ``{"voc21": {"prob_thd": 0.1, "area_thd": 0.1}}`` (set in
-            ``configs/backbones/maskclip*.yaml``); they replace ``logit_scale``/``prob_thd``/``area_thd`` for that
-            benchmark, and the run says so. ``{}`` turns them off.
     """
 
     def __init__(
@@ -77,7 +72,6 @@ class SegEvalModule(L.LightningModule):
         area_thd: float | None = None,
         results_dir: str | None = "results",
         results_name: str | None = None,
-        protocol_overrides: dict[str, dict[str, float | None]] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -85,17 +79,6 @@ class SegEvalModule(L.LightningModule):
         if stride < 1:
             raise ValueError(f"stride must be a positive number of pixels, got {stride}")
         self.save_hyperparameters()
-        override = dict((protocol_overrides or {}).get(str(classes), {}))
-        unknown = set(override) - {"logit_scale", "prob_thd", "area_thd"}
-        if unknown:
-            raise ValueError(f"protocol_overrides[{classes!r}]: unknown settings {', '.join(sorted(unknown))}")
-        if override:
-            settings = ", ".join(f"{k} {v}" for k, v in override.items())
-            rank_zero_only(print)(f"{backbone} protocol for {classes}: {settings} (protocol_overrides)")
-        logit_scale = override.get("logit_scale", logit_scale)
-        prob_thd = override.get("prob_thd", prob_thd)
-        area_thd = override.get("area_thd", area_thd)
-        self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
         self.encoder = build_encoder(
             backbone,
             model_name,
@@ -193,7 +176,7 @@ class SegEvalModule(L.LightningModule):
                     for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
                 }
                 | {"crop": self.teacher.crop if self.teacher is not None else None}
-                | self.protocol,
+                | {k: hp[k] for k in ("logit_scale", "prob_thd", "area_thd")},
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             append_result(Path(hp.results_dir) / f"{hp.results_name or hp.backbone}.json", entry)

@@ -23,6 +23,12 @@ TABLE_COLUMNS = {
     "context59": "C59",
 }
 ROWS = ("pretrained, single pass", "pretrained, sliding window s=24", "SPAR")
+#: Benchmarks whose published protocol differs for a backbone config: ``eval/<name>.yaml`` replaces
+#: ``eval/<dataset>.yaml`` (``SPAR.md`` section 4: MaskCLIP on VOC21 uses prob_thd 0.1 and area_thd 0.1).
+EVAL_CONFIGS = {
+    "maskclip": {"voc21": "voc21-maskclip"},
+    "maskclip-legacy": {"voc21": "voc21-maskclip"},
+}
 
 
 def render_table(results: Path, out: Path | None = None, title: str | None = None) -> str:
@@ -53,14 +59,19 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
 def table_runs(
     backbone: str, checkpoint: str | None, roots: dict[str, Path] | None = None, stride: int = 24
 ) -> list[tuple[str, str, list[str]]]:
-    """The ``spar-cli test`` argument lists behind one table: (dataset, row, args) for 6 benchmarks x 3 rows."""
+    """The ``spar-cli test`` argument lists behind one table: (dataset, row, args) for 6 benchmarks x 3 rows.
+
+    Each benchmark's eval config is ``eval/<dataset>.yaml``, or the backbone's own protocol where the published one
+    differs (:data:`EVAL_CONFIGS`: MaskCLIP on VOC21 is ``eval/voc21-maskclip.yaml``).
+    """
     try:
         backbone_cfg = config_path(f"backbones/{backbone}.yaml")
     except FileNotFoundError:
         raise FileNotFoundError(f"no backbone config backbones/{backbone}.yaml") from None
     runs = []
     for dataset in TABLE_COLUMNS:
-        args = ["test", "--config", str(config_path(f"eval/{dataset}.yaml")), "--config", str(backbone_cfg)]
+        eval_cfg = config_path(f"eval/{EVAL_CONFIGS.get(backbone, {}).get(dataset, dataset)}.yaml")
+        args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg)]
         if roots is not None:
             args += ["--data.init_args.root", str(roots[dataset])]
         runs.append((dataset, ROWS[0], args))
