@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spar_pl.evaluate import SegEvalModule, render_table, table_runs
+from spar_pl.evaluate import SegEvalModule
 from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label, write_tiny_benchmarks
+from spar_pl.table import render_table, table_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,6 +151,12 @@ def test_table_runs_and_rendering(tmp_path):
         "SPAR": "single",
     }
     assert not any("--model.init_args.area_thd" in a for _, _, a in runs)  # the config carries the protocol
+    evals = {d: Path(a[a.index("--config") + 1]).name for d, _, a in runs}
+    assert evals["voc21"] == "voc21-maskclip.yaml" and evals["voc20"] == "voc20.yaml"
+    for backbone, voc21 in (("maskclip-legacy", "voc21-maskclip.yaml"), ("siglip2", "voc21.yaml")):
+        assert {Path(a[a.index("--config") + 1]).name for d, _, a in table_runs(backbone, None) if d == "voc21"} == {
+            voc21
+        }
     entries = [{"dataset": d, "row": r, "mIoU": 10.0 + i, "seconds_per_image": 0.5} for i, (d, r, _) in enumerate(runs)]
     (tmp_path / "b.json").write_text(json.dumps(entries))
     table = render_table(tmp_path / "b.json", tmp_path / "b.md")
@@ -183,7 +190,7 @@ def test_ddp_counts_every_image_exactly_once(bench, tmp_path):
 
 @pytest.mark.slow
 def test_table_tiny_end_to_end(tmp_path):
-    from spar_pl.evaluate import table_command
+    from spar_pl.table import table_command
 
     table = table_command(["--tiny", "--results", str(tmp_path)])
     rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
@@ -206,14 +213,16 @@ def test_predict_returns_masks_at_label_size(bench):
 @pytest.mark.parametrize(
     ("backbone", "dataset", "expected"),
     [
-        ("maskclip", "voc21", (65.0, 0.1, 0.1)),
-        ("maskclip-legacy", "voc21", (65.0, 0.1, 0.1)),
+        ("maskclip", "voc21-maskclip", (65.0, 0.1, 0.1)),
+        ("maskclip-legacy", "voc21-maskclip", (65.0, 0.1, 0.1)),
         ("maskclip", "voc20", (40.0, 0.0, None)),
+        ("maskclip", "voc21", (65.0, 0.0, None)),  # the plain VOC21 config: no backbone changes it
         ("siglip2", "voc21", (65.0, 0.0, None)),
     ],
 )
 def test_shipped_configs_give_the_published_protocol(backbone, dataset, expected):
-    """``spar-cli test --config configs/eval/voc21.yaml --config configs/backbones/maskclip.yaml`` (tiny weights)."""
+    """``spar-cli test --config configs/eval/voc21-maskclip.yaml --config configs/backbones/maskclip.yaml`` (tiny
+    weights): MaskCLIP's VOC21 protocol (prob_thd 0.1, area_thd 0.1, SPAR.md section 4) comes from the eval config."""
     from spar_pl.cli import lightning_cli
 
     tiny = "spar-tiny-clip" if backbone.startswith("maskclip") else "spar-tiny-sl2"

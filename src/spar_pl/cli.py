@@ -3,7 +3,8 @@
 ``spar-cli fit|validate|test|predict --config ...`` is a LightningCLI (``spar-cli fit --help``);
 ``spar-cli export CKPT OUT`` writes a distilled student as open_clip safetensors; ``spar-cli tiny-data``
 generates images for the tiny CPU config; ``spar-cli cache`` fills a teacher-feature cache; ``spar-cli table``
-runs the 18 evaluations of the paper's table.
+runs the 18 evaluations of the paper's table; ``spar-cli config`` lists or prints the shipped configs (package data:
+``--config configs/...`` works from any folder).
 
 ``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
@@ -23,12 +24,8 @@ DIR`` writes dense features as safetensors (``--help`` on each).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -40,9 +37,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
-from spar_pl.fileio import write_text
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
+from spar_pl.runner import check_writable, config_path, lightning_cli, packaged_configs
 from spar_pl.sliding import dense_features, window_starts
 
 SAMPLE_CLASSES = ("sky", "grass, lawn", "house, building", "sun")
@@ -194,7 +191,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         numbers.update({f"reproduce_{k}": v for k, v in runs[args.seed].items()})
     elif not args.no_distill:
         numbers.update(distill_demo(out / "distill"))
-        from spar_pl.evaluate import table_tiny
+        from spar_pl.table import table_tiny
 
         print("the paper's table on tiny generated benchmarks (make table-tiny):")
         numbers["table"] = table_tiny(out)
@@ -216,9 +213,7 @@ def distill_demo(root: Path) -> dict[str, float]:
     feature MSE before and after ``fit``."""
     from spar_pl.data import write_sample_images
 
-    config = Path(__file__).resolve().parents[2] / "configs" / "distill" / "tiny.yaml"
-    if not config.is_file():
-        raise SystemExit(f"the tiny distillation config is missing: {config} (run from a checkout)")
+    config = config_path("distill/tiny.yaml")
     write_sample_images(root / "data" / "train", 12, seed=0)
     write_sample_images(root / "data" / "val", 4, seed=1)
     cli = lightning_cli(
@@ -510,8 +505,8 @@ def pretrain_tiny(argv: Sequence[str] | None = None) -> Path:
 
 
 def table(argv: Sequence[str] | None = None) -> str:
-    """``spar-cli table --backbone B [--ckpt C] [--tiny]``: the paper's table (``evaluate.table_command``)."""
-    from spar_pl.evaluate import table_command
+    """``spar-cli table --backbone B [--ckpt C] [--tiny]``: the paper's table (``spar_pl.table.table_command``)."""
+    from spar_pl.table import table_command
 
     results = argparse.ArgumentParser(add_help=False)
     results.add_argument("--results", default="results")
@@ -522,8 +517,27 @@ def table(argv: Sequence[str] | None = None) -> str:
     return table_command(argv)
 
 
+def config(argv: Sequence[str] | None = None) -> str:
+    """``spar-cli config [NAME]``: the shipped configs (package data). No NAME lists them; ``spar-cli config
+    distill/siglip2.yaml > my.yaml`` writes one to edit. ``--config configs/NAME`` works from any folder: a path
+    that does not exist there is read from the package."""
+    parser = argparse.ArgumentParser(prog="spar-cli config", description=config.__doc__)
+    parser.add_argument("name", nargs="?", help="e.g. distill/siglip2.yaml, eval/voc21.yaml (configs/ optional)")
+    args = parser.parse_args(argv)
+    if args.name is None:
+        text = "\n".join(packaged_configs())
+        print(f"{text}\n(packaged under {config_path('eval/voc21.yaml').parents[1]})")
+        return text
+    name = Path(args.name)
+    name = Path(*name.parts[1:]) if name.parts[:1] == ("configs",) else name
+    text = config_path(name).read_text(encoding="utf-8")
+    sys.stdout.write(text)
+    return text
+
+
 COMMANDS = {
     "quickstart": quickstart,
+    "config": config,
     "export": export,
     "tiny-data": tiny_data,
     "cache": cache,
@@ -588,107 +602,6 @@ def configure_console() -> None:
                 handler.addFilter(_not_noise)
     for message in _NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-
-
-def check_writable(folder: str | Path, what: str) -> Path:
-    """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
-    temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
-    ``NotADirectoryError``/``PermissionError`` naming it."""
-    folder = Path(folder)
-    if folder.exists():
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{what} {folder} is a file, not a folder")
-        try:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise PermissionError(f"{what} {folder} is not writable ({err.strerror or err})") from err
-        return folder
-    parent = folder.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        reason = "is a file" if not parent.is_dir() else "is not writable"
-        raise PermissionError(f"{what} {folder} cannot be created: {parent} {reason}")
-    return folder
-
-
-def check_output_folders(trainer, model) -> None:
-    """Check the run's output folders before any work: the logs and checkpoints (``default_root_dir``, the logger's
-    folder), evaluation results (``results_dir``) and a teacher cache."""
-    check_writable(trainer.default_root_dir, "output folder (trainer.default_root_dir)")
-    for logger in trainer.loggers:
-        if getattr(logger, "save_dir", None):
-            check_writable(logger.save_dir, "log folder")
-    hparams = getattr(model, "hparams", {})
-    if hparams.get("results_dir"):
-        check_writable(hparams["results_dir"], "results folder (model.init_args.results_dir)")
-    if hparams.get("teacher_cache"):
-        check_writable(hparams["teacher_cache"], "teacher cache folder (model.init_args.teacher_cache)")
-
-
-def continue_last_run(trainer) -> Path | None:
-    """Make ``--ckpt_path last`` resume in the same root: point the trainer's logger at the run (version folder)
-    holding the newest ``last*.ckpt``, so Lightning finds that checkpoint and the run's logs and checkpoints continue
-    in the same folder. Returns the checkpoint, or ``None`` (a logger with an explicit version, or no run yet)."""
-    logger = trainer.logger
-    if logger is None or getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir"):
-        return None
-    found = [p for p in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt") if p.is_file()]
-    if not found:
-        return None
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    logger._version = newest.parents[1].name  # loggers read their version lazily: set before the first use
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    metrics = Path(logger.log_dir) / "metrics.csv"
-    if trainer.is_global_zero and metrics.is_file():
-        # the CSV logger deletes a run folder's metrics.csv when it opens it: keep the run's history, append to it
-        text = metrics.read_text(encoding="utf-8")
-        writer = logger.experiment  # opening it removed the file
-        if hasattr(writer, "metrics_keys"):
-            write_text(metrics, text)
-            writer.metrics_keys = list(csv.DictReader(io.StringIO(text)).fieldnames or [])
-    return newest
-
-
-def lightning_cli(args: Sequence[str] | None, run: bool = True):
-    """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``)."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-    class SparCLI(LightningCLI):
-        def instantiate_trainer(self, **kwargs):
-            trainer = super().instantiate_trainer(**kwargs)
-            theme = getattr(trainer.progress_bar_callback, "theme", None)
-            if theme is not None and getattr(theme, "metrics_format", None) == ".3f":
-                theme.metrics_format = ".3g"  # a feature MSE of 6e-05 is not "0.000"
-            return trainer
-
-        def before_fit(self) -> None:
-            check_output_folders(self.trainer, self.model)
-            if self.config_init[self.subcommand].get("ckpt_path") == "last":
-                continue_last_run(self.trainer)
-
-        def before_validate(self) -> None:
-            check_output_folders(self.trainer, self.model)
-
-        before_test = before_predict = before_validate
-
-    return SparCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=None if args is None else list(args),
-        save_config_kwargs={"overwrite": True},
-        # a training run records its config beside its logs; test/validate/predict runs write no config.yaml
-        save_config_callback=SaveConfigCallback
-        if (sys.argv[1:] if args is None else list(args))[:1] == ["fit"]
-        else None,
-        auto_configure_optimizers=False,
-        run=run,
-    )
 
 
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)

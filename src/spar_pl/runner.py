@@ -1,0 +1,191 @@
+"""Running LightningCLI and finding configs: what ``spar-cli`` and the table runner share (imports nothing of theirs).
+
+:func:`lightning_cli` builds the LightningCLI behind ``spar-cli fit|validate|test|predict`` (output folders checked
+before any work, ``--ckpt_path last`` resumed in the same run). The shipped YAML configs are package data
+(``spar_pl/configs``, read through :mod:`importlib.resources`); :func:`config_path` finds one by name, and a
+``--config configs/...`` path that does not exist in the current folder is read from the package, said in one line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import csv
+import io
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from spar_pl.fileio import write_text
+
+#: The folder name of the shipped configs, in the package and (a link to it) at the repository root.
+CONFIGS = "configs"
+_files = contextlib.ExitStack()  # packaged files made available as paths, for the life of the process
+atexit.register(_files.close)
+
+
+def config_path(name: str | Path) -> Path:
+    """The packaged config ``name`` (``distill/tiny.yaml``, ``eval/voc21.yaml``, ...) as a file path."""
+    parts = Path(name).parts
+    ref = resources.files("spar_pl").joinpath(CONFIGS, *parts)
+    if not ref.is_file():
+        raise FileNotFoundError(f"no packaged config {'/'.join(parts)} (spar-cli config lists them)")
+    return Path(_files.enter_context(resources.as_file(ref)))
+
+
+def packaged_configs() -> list[str]:
+    """The names of the shipped configs, ``<folder>/<name>.yaml`` (fragments included)."""
+    root = resources.files("spar_pl").joinpath(CONFIGS)
+    return sorted(
+        f"{folder.name}/{item.name}"
+        for folder in root.iterdir()
+        if folder.is_dir()
+        for item in folder.iterdir()
+        if item.name.endswith(".yaml")
+    )
+
+
+def resolve_configs(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``--config configs/...`` (or ``-c``) that does not exist in the current folder replaced by
+    the packaged file of that name (a wheel install has no ``configs/`` folder), said in one line on stderr."""
+    out, used = list(args), []
+    for i, arg in enumerate(out):
+        key, sep, value = arg.partition("=")
+        if sep and key in ("--config", "-c"):
+            index = i
+        elif i > 0 and out[i - 1] in ("--config", "-c"):
+            index, value = i, arg
+        else:
+            continue
+        path = Path(value)
+        if path.is_absolute() or path.exists() or not path.parts or path.parts[0] != CONFIGS:
+            continue
+        try:
+            packaged = config_path(Path(*path.parts[1:]))
+        except FileNotFoundError:
+            continue  # jsonargparse names the missing file
+        out[index] = f"{key}={packaged}" if sep else str(packaged)
+        used.append((value, packaged.parents[len(path.parts) - 2]))
+    if used:
+        names = ", ".join(value for value, _ in used)
+        print(f"spar-cli: {names} not in this folder: using the packaged copy ({used[0][1]})", file=sys.stderr)
+    return out
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
+    temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
+    ``NotADirectoryError``/``PermissionError`` naming it."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{what} {folder} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise PermissionError(f"{what} {folder} is not writable ({err.strerror or err})") from err
+        return folder
+    parent = folder.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        reason = "is a file" if not parent.is_dir() else "is not writable"
+        raise PermissionError(f"{what} {folder} cannot be created: {parent} {reason}")
+    return folder
+
+
+def check_output_folders(trainer, model) -> None:
+    """Check the run's output folders before any work: the logs and checkpoints (``default_root_dir``, the logger's
+    folder), evaluation results (``results_dir``) and a teacher cache."""
+    check_writable(trainer.default_root_dir, "output folder (trainer.default_root_dir)")
+    for logger in trainer.loggers:
+        if getattr(logger, "save_dir", None):
+            check_writable(logger.save_dir, "log folder")
+    hparams = getattr(model, "hparams", {})
+    if hparams.get("results_dir"):
+        check_writable(hparams["results_dir"], "results folder (model.init_args.results_dir)")
+    if hparams.get("teacher_cache"):
+        check_writable(hparams["teacher_cache"], "teacher cache folder (model.init_args.teacher_cache)")
+
+
+def continue_last_run(trainer) -> Path | None:
+    """Make ``--ckpt_path last`` resume in the same root: point the trainer's logger at the run (version folder)
+    holding the newest ``last*.ckpt``, so Lightning finds that checkpoint and the run's logs and checkpoints continue
+    in the same folder. Returns the checkpoint, or ``None`` (a logger with an explicit version, or no run yet)."""
+    logger = trainer.logger
+    if logger is None or getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir"):
+        return None
+    found = [p for p in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt") if p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    logger._version = newest.parents[1].name  # loggers read their version lazily: set before the first use
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    if trainer.is_global_zero and metrics.is_file():
+        # the CSV logger deletes a run folder's metrics.csv when it opens it: keep the run's history, append to it
+        text = metrics.read_text(encoding="utf-8")
+        writer = logger.experiment  # opening it removed the file
+        if hasattr(writer, "metrics_keys"):
+            write_text(metrics, text)
+            writer.metrics_keys = list(csv.DictReader(io.StringIO(text)).fieldnames or [])
+    return newest
+
+
+def lightning_cli(args: Sequence[str] | None, run: bool = True):
+    """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``;
+    ``configs/...`` falls back to the packaged configs, :func:`resolve_configs`)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    argv = sys.argv[1:] if args is None else list(args)
+    resolved = resolve_configs(argv)
+    if resolved != argv:
+        args = resolved
+
+    class SparCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            theme = getattr(trainer.progress_bar_callback, "theme", None)
+            if theme is not None and getattr(theme, "metrics_format", None) == ".3f":
+                theme.metrics_format = ".3g"  # a feature MSE of 6e-05 is not "0.000"
+            return trainer
+
+        def before_fit(self) -> None:
+            check_output_folders(self.trainer, self.model)
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                continue_last_run(self.trainer)
+
+        def before_validate(self) -> None:
+            check_output_folders(self.trainer, self.model)
+
+        before_test = before_predict = before_validate
+
+    return SparCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None if args is None else list(args),
+        save_config_kwargs={"overwrite": True},
+        # a training run records its config beside its logs; test/validate/predict runs write no config.yaml
+        save_config_callback=SaveConfigCallback if argv[:1] == ["fit"] else None,
+        auto_configure_optimizers=False,
+        run=run,
+    )
+
+
+def run_lightning(args: Sequence[str]) -> None:
+    """Run one LightningCLI command (``["test", "--config", ...]``) in this process, as ``spar-cli`` would; a
+    process group it started is ended afterwards."""
+    import torch
+
+    lightning_cli(args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
