@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from spar_pl.sliding import SlidingWindowTeacher
@@ -25,6 +26,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # every section end to end, child processes included (about 50 s on 2 CPUs)
 def test_quick_mode_writes_one_table_with_every_section(tmp_path):
     out = tmp_path / "bench.md"
     proc = subprocess.run(
