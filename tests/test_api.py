@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import spar_pl
-from spar_pl import api
+from spar_pl import api, images
 from spar_pl.api import ImageInputError, class_entries, collect_images, output_stems, read_image, resolve_classes
 from spar_pl.cli import sample_image
 from spar_pl.sliding import SlidingWindowTeacher
@@ -171,11 +171,11 @@ def test_max_side_and_upsample(sl2, clip, tmp_path):
 
 
 def test_large_images_are_refused_with_a_hint(sl2, tmp_path, monkeypatch):
-    wide = np.zeros((10, api.MAX_SIDE + 1), np.uint8)
+    wide = np.zeros((10, images.MAX_SIDE + 1), np.uint8)
     with pytest.raises(ImageInputError, match=r"numpy array of shape \(10, 16385\).*--max-side"):
         sl2.features(wide)
     assert sl2.segment(wide, CLASSES, max_side=4096).mask.shape == wide.shape
-    monkeypatch.setattr(api, "MAX_PIXELS", 5000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 5000)
     Image.new("RGB", (100, 80)).save(tmp_path / "big.png")
     with pytest.raises(ImageInputError, match=r"big\.png: 100x80 pixels .*--max-side"):
         sl2.features(tmp_path / "big.png")

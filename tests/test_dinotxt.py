@@ -444,7 +444,8 @@ def test_fit_keeps_the_student_in_eval_mode_and_trains_two_blocks(tmp_path):
     module.train()
     assert not module.student.model.training and not module.teacher.encoder.training
     assert all(n.startswith(("model.visual.blocks.1.", "model.visual.blocks.2.")) for n in module.trainable_names)
-    assert not any(k.startswith("_teacher") or "teacher" in k for k in module.state_dict())
+    assert module.on_save_checkpoint(ckpt := {"state_dict": module.state_dict()}) is None
+    assert ckpt["state_dict"] and all(k.startswith("student.") for k in ckpt["state_dict"])
 
 
 @pytest.mark.slow

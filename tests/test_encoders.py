@@ -60,6 +60,10 @@ def test_siglip2_native_size_positional_embedding_is_identity(siglip_encoder):
     grid = pos.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(3, 9), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
     torch.testing.assert_close(siglip_encoder.positional_embedding(3, 9).detach(), expected)
+    # the reference's rule, bit for bit, through timm's resampler: up, down (no antialiasing) and mixed
+    for h, w in ((4, 4), (3, 9), (2, 3), (7, 2), (16, 11)):
+        ref = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
+        assert torch.equal(siglip_encoder.positional_embedding(h, w).detach(), ref.flatten(2).transpose(1, 2))
 
 
 def test_maskclip_last_block_is_value_path(clip_encoder):
@@ -211,3 +215,29 @@ def test_legacy_maskclip_normalisation():
     x = torch.rand(1, 3, 2, 2)
     torch.testing.assert_close(legacy.normalize(x), x * 2 - 1)
     assert build_encoder("maskclip", "spar-tiny-clip").mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_normalisation_comes_from_open_clip_for_pretrained_weights(monkeypatch):
+    """A model open_clip knows the weights of (a pretrained tag, a hub id) is normalised with open_clip's
+    preprocessing statistics; for the paper's MaskCLIP weights they are the reference's; ``maskclip-legacy``
+    keeps its own; random weights take the family's."""
+    import open_clip
+
+    from spar_pl import encoders
+
+    assert open_clip.get_pretrained_cfg("ViT-B-16", "laion2b_s34b_b88k")["mean"] == encoders.CLIP_MEAN
+    assert open_clip.get_pretrained_cfg("ViT-B-16", "laion2b_s34b_b88k")["std"] == encoders.CLIP_STD
+    create = open_clip.create_model
+
+    def offline(name, pretrained=None, **kwargs):  # stands in for a download: the tiny model, a known config
+        model = create(name, pretrained=None, **kwargs)
+        model.visual.preprocess_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+        return model
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    tagged = encoders.build_encoder("maskclip", "spar-tiny-clip", pretrained="some-tag")
+    assert (tagged.mean, tagged.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    legacy = encoders.build_encoder("maskclip-legacy", "spar-tiny-clip", pretrained="some-tag")
+    assert legacy.mean == legacy.std == encoders.LEGACY_MEAN
+    random = encoders.build_encoder("siglip2", "spar-tiny-sl2", pretrained=None)
+    assert (random.mean, random.std) == (encoders.SIGLIP_MEAN, encoders.SIGLIP_STD)

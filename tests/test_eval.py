@@ -142,7 +142,7 @@ def test_sliding_mode_and_checkpoint_rows(bench, tmp_path):
     run_test(module, SegDataModule("voc20", str(bench["voc20"])))
     entry = json.loads((tmp_path / "t.json").read_text())[-1]
     assert entry["dataset"] == "voc20" and entry["images"] == 3 and entry["row"].startswith("pretrained, sliding")
-    assert set(entry["per_class_IoU"]) == {n[0] for n in base.head.classes}
+    assert set(entry["per_class_IoU"]) == {n[0] for n in base.classes}
 
 
 def test_table_runs_and_rendering(tmp_path):
@@ -229,7 +229,7 @@ def test_shipped_configs_give_the_published_protocol(backbone, dataset, expected
     argv += ["--config", str(ROOT / "configs" / "backbones" / f"{backbone}.yaml")]
     argv += ["--model.init_args.model_name", tiny, "--model.init_args.pretrained", "null"]
     cli = lightning_cli(argv, run=False)
-    head = cli.model.head
+    head = cli.model.build_head()
     assert (head.logit_scale, head.prob_thd, head.area_thd) == expected
     assert cli.model.encoder.backbone == backbone
 
@@ -242,7 +242,7 @@ def test_logits_level_sliding_evaluation_follows_the_authors(bench):
     image = torch.rand(3, 80, 112)
     with torch.no_grad():
         x = logits.encoder.normalize(image[None])
-        text = logits.head.text_embeddings("cpu")
+        text = logits.build_head().text
         canvas, count = torch.zeros(len(text), 80, 112), torch.zeros(1, 80, 112)
         from spar_pl.sliding import window_starts
 
@@ -258,3 +258,19 @@ def test_logits_level_sliding_evaluation_follows_the_authors(bench):
         got = logits.predict_mask(image, (60, 84))
         assert torch.equal(got, expected)
         assert not torch.equal(got, features.predict_mask(image, (60, 84)))
+
+
+def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(bench, tmp_path):
+    """The results entry goes through ``ResultsFile`` (attached by the task); a results file that is not a JSON
+    list stops the run before any image is evaluated, naming the file, and is left as it was."""
+    module = tiny_eval(classes="voc20", results_dir=str(tmp_path), results_name="t")
+    assert [type(c).__name__ for c in module.configure_callbacks()] == ["ResultsFile"]
+    assert tiny_eval(results_dir=None).configure_callbacks() == []
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"results file .*t\.json is not valid JSON"):
+        run_test(module, SegDataModule("voc20", str(bench["voc20"])))
+    assert int(module.images) == 0 and (tmp_path / "t.json").read_text() == "{not json"
+    (tmp_path / "t.json").unlink()
+    run_test(module, SegDataModule("voc20", str(bench["voc20"])))
+    entries = json.loads((tmp_path / "t.json").read_text())
+    assert len(entries) == 1 and entries[0] == module.results and entries[0]["images"] == 3

@@ -34,9 +34,8 @@ def test_parse_classes_errors(tmp_path):
 
 def make_head(encoder, classes, **kwargs):
     """A head whose synonym embeddings are the unit axes, so similarities are readable off the features."""
-    head = OpenVocabHead(encoder, classes, **kwargs)
-    head._text_cache[(torch.device("cpu"), torch.float32)] = torch.eye(len(head.synonyms), encoder.embed_dim)
-    return head
+    synonyms = sum(len(names) for names in parse_classes(classes))
+    return OpenVocabHead(torch.eye(synonyms, encoder.embed_dim), classes, **kwargs)
 
 
 def test_synonym_max_softmax_and_upsampling(clip_encoder):
@@ -71,31 +70,35 @@ def test_area_threshold_suppresses_small_classes(clip_encoder):
     scores[:, 1] = 0.6
     scores[:, 2, 0, 0] = 0.9  # class 2 wins one pixel in 100
     scores[:, 0] = 0.1
-    head = OpenVocabHead(clip_encoder, ["bg", "cat", "dog"], area_thd=0.05)
+    head = make_head(clip_encoder, ["bg", "cat", "dog"], area_thd=0.05)
     mask = head.mask(scores)
     assert (mask == 1).all()
     head.area_thd = None
     assert head.mask(scores)[0, 0, 0] == 2
 
 
-def test_text_embeddings_follow_the_template_rule_and_are_cached(clip_encoder):
+def test_text_embeddings_follow_the_template_rule_and_are_computed_once(clip_encoder):
     templates = ("a photo of a {}.", "a drawing of a {}.")
-    head = OpenVocabHead(clip_encoder, ["cat, kitty", "dog"], templates=templates)
     calls = []
     original = clip_encoder.model.encode_text
     clip_encoder.model.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
-    first = head.text_embeddings("cpu")
+    head = OpenVocabHead.from_encoder(clip_encoder, ["cat, kitty", "dog"], templates=templates)
     n_calls = len(calls)
-    assert head.text_embeddings("cpu") is first and len(calls) == n_calls
+    assert n_calls and "text" in dict(head.named_buffers()) and not head.state_dict()  # a buffer, not checkpointed
+    head.predict(torch.randn(1, clip_encoder.embed_dim, 2, 2), (4, 4))
+    assert len(calls) == n_calls  # the head holds the embeddings, not the encoder
+    assert not any(isinstance(m, type(clip_encoder)) for m in head.modules())
+    clip_encoder.model.encode_text = original
     with torch.no_grad():
         per_template = [clip_encoder.encode_text([t.format(n) for t in templates]) for n in head.synonyms]
     expected = torch.stack([F.normalize(F.normalize(e, dim=-1).mean(0), dim=0) for e in per_template])
-    torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
-    assert head.text_embeddings("cpu", torch.float64).dtype == torch.float64 and len(calls) > n_calls
+    torch.testing.assert_close(head.text, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="for 3 synonyms"):
+        OpenVocabHead(expected[:2], ["cat, kitty", "dog"])
 
 
 def test_head_on_real_encoder_features(encoder):
-    head = OpenVocabHead(encoder, "cityscapes")
+    head = OpenVocabHead.from_encoder(encoder, "cityscapes")
     with torch.no_grad():
         feats = encoder(torch.randn(2, 3, 64, 96))
         mask = head.predict(feats, (50, 70))

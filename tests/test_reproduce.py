@@ -82,8 +82,8 @@ def test_pretraining_text_embeddings_are_the_heads():
     tokens = prompt_tokens(encoder, SHAPE_CLASSES)
     with torch.no_grad():
         ours = class_embeddings(encoder, tokens, len(SHAPE_CLASSES))
-    head = OpenVocabHead(encoder, SHAPE_CLASSES)
-    torch.testing.assert_close(ours, head.text_embeddings("cpu"), atol=1e-5, rtol=1e-5)
+    head = OpenVocabHead.from_encoder(encoder, SHAPE_CLASSES)
+    torch.testing.assert_close(ours, head.text, atol=1e-5, rtol=1e-5)
 
 
 def test_shipped_weights_load_and_segment_native_scenes():
@@ -91,7 +91,8 @@ def test_shipped_weights_load_and_segment_native_scenes():
     encoder = load_tiny().eval()
     assert encoder.patch_size == 8 and encoder.native_size == NATIVE
     images, labels = make_scenes(64, NATIVE, seed=123, stream="test-native")
-    miou, _ = evaluate(encoder, OpenVocabHead(encoder, SHAPE_CLASSES), images, labels, batch_size=32)
+    head = OpenVocabHead.from_encoder(encoder, SHAPE_CLASSES)
+    miou, _ = evaluate(encoder, head, images, labels, batch_size=32, normalize=encoder.normalize)
     assert miou > 35.0  # the shipped model scores about 48 on held-out native scenes, a random one about 20
 
 

@@ -3,20 +3,13 @@
 This module also holds the work behind ``spar-cli segment`` and ``spar-cli features`` (collecting image
 files, output names that never collide, a run that continues past bad files), so the CLI stays thin.
 
-Input images of any kind become one float RGB tensor ``(3, H, W)`` in ``[0, 1]`` (:func:`read_image`):
-
-* files (any format PIL reads; EXIF orientation applied), PIL images, numpy arrays ``HxW``, ``HxWx1``,
-  ``HxWx3``, ``HxWx4`` (uint8, uint16, bool, or floats in ``[0, 1]``), torch tensors ``(3, H, W)`` or
-  ``(1, 3, H, W)`` (also 1 or 4 channels; floats in ``[0, 1]`` or uint8);
-* grayscale is repeated over the three channels; 16-bit data (``I;16`` PNGs, uint16 arrays) is scaled from
-  ``[0, 65535]`` to ``[0, 1]``, 32-bit integer images (mode ``I``) are clipped to that range first;
-  transparency (RGBA, LA, palette images with a transparent colour) is composited over white
-  (:data:`ALPHA_BACKGROUND`), as an image viewer shows it;
-* ``max_side`` downscales the image (keeping its aspect ratio, bicubic with antialiasing) before the
-  model; masks, probabilities and upsampled features still come out at the original size;
-* an image whose model input exceeds :data:`MAX_SIDE` pixels on a side or :data:`MAX_PIXELS` pixels in
-  all is refused with a message suggesting ``max_side``, rather than tiled: tiles would change what the
-  single-pass model sees, and a ViT over that many patches is impractical anyway.
+Input images of any kind become one float RGB tensor ``(3, H, W)`` in ``[0, 1]`` through the one image reader
+shared with training and evaluation (:func:`spar_pl.images.read_image`: EXIF orientation, transparency over white,
+16-bit and grayscale, size limits); ``max_side`` then downscales the image (keeping its aspect ratio, bicubic with
+antialiasing) before the model; masks, probabilities and upsampled features still come out at the original size.
+An image whose model input exceeds :data:`~spar_pl.images.MAX_SIDE` pixels on a side or
+:data:`~spar_pl.images.MAX_PIXELS` in all is refused with a message suggesting ``max_side``, rather than tiled:
+tiles would change what the single-pass model sees, and a ViT over that many patches is impractical anyway.
 """
 
 from __future__ import annotations
@@ -24,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,13 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.fileio import safetensors_writer, save_safetensors
-from spar_pl.openvocab import BENCHMARK_CLASSES, OpenVocabHead, parse_classes
+from spar_pl.images import (
+    IMAGE_SUFFIXES,
+    ImageInput,
+    ImageInputError,
+    describe,
+    fit_size,
+    read_image,
+    to_pil,
+)
+from spar_pl.openvocab import BENCHMARK_CLASSES, SEGMENT_MODES, OpenVocabHead, parse_classes
 from spar_pl.render import label_image, overlay, save_atomic
-from spar_pl.sliding import SlidingWindowTeacher
+from spar_pl.sliding import FEATURE_MODES, dense_features
 
 __all__ = [
     "SPAR",
@@ -55,167 +55,10 @@ __all__ = [
     "class_entries",
 ]
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
-
-#: Largest model-input side and pixel count accepted in one pass (after ``max_side``).
-MAX_SIDE = 16384
-MAX_PIXELS = 100_000_000
-#: Colour that transparent pixels are composited over.
-ALPHA_BACKGROUND = (1.0, 1.0, 1.0)
-#: File suffixes taken from a directory (case-insensitive); files named explicitly are always tried.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 #: ``features`` modes: single pass, or the sliding-window teacher's features.
-MODES = ("single", "sliding")
-#: ``segment`` modes: single pass, the authors' logits-level sliding window, or the teacher's features + head.
-SEGMENT_MODES = ("single", "sliding", "sliding-features")
+MODES = FEATURE_MODES
 #: ``format`` metadata of the features files written by :meth:`SPAR.write_features`.
 FEATURES_FORMAT = "spar-pl/features/v1"
-
-
-class ImageInputError(ValueError):
-    """An image the API cannot use (unreadable, unsupported layout or dtype, too large); the message names it."""
-
-
-# -- images --------------------------------------------------------------------------------------------
-
-
-def describe(image: object) -> str:
-    """A short name for an image input, used in every error message about it."""
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    if isinstance(image, Image.Image):
-        source = getattr(image, "filename", "") or "PIL image"
-        return f"{source} ({image.mode} {image.width}x{image.height})"
-    if isinstance(image, (np.ndarray, torch.Tensor)):
-        kind = "numpy array" if isinstance(image, np.ndarray) else "tensor"
-        return f"{kind} of shape {tuple(image.shape)} and dtype {image.dtype}"
-    return type(image).__name__
-
-
-def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
-    """``(width, height)`` scaled down, keeping the aspect ratio, so that the long side is at most ``max_side``."""
-    if max_side is None or max(width, height) <= max_side:
-        return width, height
-    if max_side < 1:
-        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def check_size(width: int, height: int, max_side: int | None, name: str) -> None:
-    """Refuse an image whose model input (after ``max_side``) is larger than :data:`MAX_SIDE` / :data:`MAX_PIXELS`."""
-    if width < 1 or height < 1:
-        raise ImageInputError(f"{name}: the image is empty ({width}x{height})")
-    w, h = fit_size(width, height, max_side)
-    if max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
-        raise ImageInputError(
-            f"{name}: {w}x{h} pixels ({w * h / 1e6:.1f} MP) is above the single-pass limit of {MAX_SIDE} px a side "
-            f"and {MAX_PIXELS / 1e6:.0f} MP; downscale it with --max-side N (max_side=N in Python), e.g. 4096"
-        )
-
-
-def read_image(image: ImageInput, max_side: int | None = None) -> torch.Tensor:
-    """Any supported image input as a float RGB tensor ``(3, H, W)`` in ``[0, 1]`` at its original size.
-
-    ``max_side`` only enters the size check (:func:`check_size`), made before a file is decoded.
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ImageInputError: an unreadable file or an unsupported layout, dtype or value range, naming the input.
-        TypeError: an object that is no image input.
-    """
-    name = describe(image)
-    if isinstance(image, (str, os.PathLike)):
-        return _read_file(Path(image), max_side)
-    if isinstance(image, Image.Image):
-        check_size(image.width, image.height, max_side, name)
-        return _from_pil(image, name, max_side)
-    if isinstance(image, torch.Tensor):
-        image = _tensor_to_array(image, name)
-    if isinstance(image, np.ndarray):
-        return _from_array(image, name, max_side)
-    raise TypeError(f"unsupported image input {name}; pass a path, a PIL image, a numpy array or a torch tensor")
-
-
-def _read_file(path: Path, max_side: int | None) -> torch.Tensor:
-    if path.is_dir():
-        raise ImageInputError(f"{path} is a directory, not an image")
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with warnings.catch_warnings():  # our own size limit applies; PIL's bomb warning would only add noise
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_size(img.width, img.height, max_side, str(path))
-                img.load()  # decode now, so that a truncated file fails here, naming the file
-                img = ImageOps.exif_transpose(img)
-    except ImageInputError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageInputError(f"cannot read image {path}: {err}") from err
-    return _from_pil(img, str(path), max_side)
-
-
-def _from_pil(img: Image.Image, name: str, max_side: int | None) -> torch.Tensor:
-    mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        return _from_array(np.asarray(img).clip(0, 65535).astype(np.uint16), name, max_side)
-    if mode == "F":
-        return _from_array(np.asarray(img, dtype=np.float32), name, max_side)
-    if (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return _from_array(np.asarray(img.convert("RGBA")), name, max_side)
-    try:
-        rgb = img.convert("RGB")
-    except (ValueError, OSError) as err:
-        raise ImageInputError(f"{name}: cannot convert PIL mode {mode} to RGB: {err}") from err
-    return _from_array(np.asarray(rgb), name, max_side)
-
-
-def _tensor_to_array(image: torch.Tensor, name: str) -> np.ndarray:
-    t = image.detach().cpu()
-    if t.ndim == 4:
-        if t.shape[0] != 1:
-            raise ImageInputError(f"{name}: a batch of {t.shape[0]} images; pass one image at a time")
-        t = t[0]
-    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
-        t = t.permute(1, 2, 0)
-    elif t.ndim != 2:
-        raise ImageInputError(f"{name}: expected a tensor (3, H, W) or (1, 3, H, W)")
-    return (t.float() if t.is_floating_point() else t).contiguous().numpy()
-
-
-def _from_array(array: np.ndarray, name: str, max_side: int | None = None) -> torch.Tensor:
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if not (array.ndim == 2 or array.ndim == 3 and array.shape[2] in (3, 4)):
-        hint = " (channels first? transpose it to H x W x C)" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
-        raise ImageInputError(f"{name}: expected an image array H x W, H x W x 3 or H x W x 4{hint}")
-    check_size(array.shape[1], array.shape[0], max_side, name)
-    if array.dtype == np.uint8:
-        x = torch.from_numpy(array.astype(np.float32)) / 255.0
-    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order
-        x = torch.from_numpy(array.astype(np.float32)) / 65535.0
-    elif array.dtype == np.bool_:
-        x = torch.from_numpy(array.astype(np.float32))
-    elif np.issubdtype(array.dtype, np.floating):
-        x = torch.from_numpy(array.astype(np.float32))
-        low, high = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
-        if not (0.0 <= low and high <= 1.0):  # also false for NaN
-            raise ImageInputError(f"{name}: float images must hold values in [0, 1], got [{low:g}, {high:g}]")
-    else:
-        raise ImageInputError(f"{name}: unsupported dtype {array.dtype}; use uint8, uint16 or floats in [0, 1]")
-    if x.ndim == 2:
-        x = x[..., None].expand(-1, -1, 3)
-    elif x.shape[2] == 4:
-        alpha = x[..., 3:]
-        x = x[..., :3] * alpha + x.new_tensor(ALPHA_BACKGROUND) * (1 - alpha)
-    return x.permute(2, 0, 1).contiguous()
-
-
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """A float RGB tensor ``(3, H, W)`` in ``[0, 1]`` as an 8-bit PIL image."""
-    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
 
 
 # -- classes ---------------------------------------------------------------------------------------------
@@ -436,10 +279,9 @@ class SPAR:
 
     def _encode(self, x: torch.Tensor, name: str, mode: str, stride: int, crop: int | None) -> torch.Tensor:
         """Single-pass (``single``) or sliding-window teacher (``sliding``) features of a normalised input."""
-        run = self.encoder if mode == "single" else SlidingWindowTeacher(self.encoder, crop=crop, stride=stride)
         try:
             with torch.inference_mode(), autocast(self.precision, x.device):
-                return run(x).float()
+                return dense_features(self.encoder, x, mode, crop, stride).float()
         except ValueError as err:  # e.g. an image smaller than one patch: say which image
             raise ImageInputError(f"{name}: {err}") from err
 
@@ -563,7 +405,9 @@ class SPAR:
         head = self._head
         if head is None or (head.classes, head.logit_scale, head.prob_thd) != (parsed, logit_scale, prob_thd):
             entries = [", ".join(names) for names in parsed]
-            head = self._head = OpenVocabHead(self.encoder, entries, logit_scale=logit_scale, prob_thd=prob_thd)
+            head = self._head = OpenVocabHead.from_encoder(
+                self.encoder, entries, logit_scale=logit_scale, prob_thd=prob_thd
+            )
         return head
 
     def segment(
@@ -623,12 +467,7 @@ class SPAR:
             out = keep if (probs is not None or write is not None) else None
             try:
                 with torch.inference_mode(), autocast(self.precision, x.device):
-                    if mode == "sliding":
-                        crop = crop or self.encoder.native_size
-                        mask = head.predict_sliding(self.encoder, x, size, crop, stride, window_batch, probs_out=out)
-                    else:
-                        feats = self._encode(x, name, "single" if mode == "single" else "sliding", stride, crop)
-                        mask = head.predict(feats, size, probs_out=out)
+                    mask = head.segment(self.encoder, x, size, mode, crop, stride, window_batch, probs_out=out)
             except ImageInputError:
                 raise
             except ValueError as err:  # e.g. an image smaller than one patch: say which image

@@ -43,7 +43,7 @@ from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
 from spar_pl.fileio import write_text
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
-from spar_pl.sliding import SlidingWindowTeacher
+from spar_pl.sliding import dense_features, window_starts
 
 SAMPLE_CLASSES = ("sky", "grass, lawn", "house, building", "sun")
 
@@ -139,20 +139,21 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
 
     if args.image:
-        path = Path(args.image)
+        from spar_pl.images import read_image, to_pil
+
         try:
-            image = Image.open(path).convert("RGB")
+            image = to_pil(read_image(args.image))  # the one image reader: EXIF, transparency, 16-bit, grayscale
         except (OSError, ValueError) as err:
-            raise SystemExit(f"cannot read image {path}: {err}") from err
+            raise SystemExit(str(err)) from err
     elif shipped:
         image = shape_scene(args.seed)
     else:
         image = sample_image()
     x = encoder.normalize(to_tensor(image).to(device))
-    teacher = SlidingWindowTeacher(encoder, crop=args.crop, stride=args.stride, window_batch=16)
+    crop = args.crop or encoder.native_size
     height, width = x.shape[-2:]
-    n_windows = teacher.num_windows(height, width)
-    print(f"image: {width}x{height}; teacher: {n_windows} windows of {teacher.crop}px, stride {teacher.stride}")
+    n_windows = len(window_starts(height, crop, args.stride)) * len(window_starts(width, crop, args.stride))
+    print(f"image: {width}x{height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
 
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -160,12 +161,12 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
             single = encoder(x).float()
         t1 = time.perf_counter()
         with autocast(args.precision, x.device):
-            sliding = teacher(x).float()
+            sliding = dense_features(encoder, x, "sliding", crop, args.stride).float()
         t2 = time.perf_counter()
         single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
         cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
         mse = F.mse_loss(single, sliding).item()
-        head = OpenVocabHead(encoder, segmentation_classes_or_exit(classes))
+        head = OpenVocabHead.from_encoder(encoder, segmentation_classes_or_exit(classes))
         names = [synonyms[0] for synonyms in head.classes]
         out = Path(args.out)
         for tag, feats in (("single", single), ("sliding", sliding)):
@@ -286,7 +287,8 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     ``model.teacher_cache`` with the config's trainer: its device(s), strategy (DDP over ``devices`` x ``num_nodes``,
     each rank a disjoint share of the images) and precision. Resumable: valid entries are kept after a header check;
     missing, corrupt or stale ones are computed. One summary for the whole job."""
-    from spar_pl.distill import CacheWriter, TeacherCacheTask
+    from spar_pl.callbacks import CacheWriter
+    from spar_pl.distill import TeacherCacheTask
 
     cli = lightning_cli(list(argv or []), run=False)
     task = TeacherCacheTask(cli.model, cli.datamodule)

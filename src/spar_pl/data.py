@@ -10,7 +10,6 @@ with albumentations following ``SPAR.md`` section 3.
 from __future__ import annotations
 
 import hashlib
-import io
 import multiprocessing
 import random
 import warnings
@@ -28,9 +27,8 @@ from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
+from spar_pl.images import IMAGE_SUFFIXES, read_rgb8
 from spar_pl.render import save_atomic
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ def open_source(source: str, split: str = "train"):
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {path}")
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
         # One shard per file, so DDP ranks and loader workers split the folder by files.
         features = Features({"image": ImageFeature(decode=False), "__key__": Value("string")})
         kwargs = {"files": files, "root": str(path)}
@@ -184,18 +182,12 @@ def decode(record, column: str) -> tuple[str, np.ndarray, str]:
     data = value.get("bytes") if isinstance(value, dict) else value
     if data is None and path:
         data = Path(path).read_bytes()
-    try:
-        if isinstance(data, Image.Image):
-            image = data
-            content = hashlib.sha256(image.tobytes()).hexdigest()[:32]
-        else:
-            content = hashlib.sha256(data).hexdigest()[:32]
-            image = Image.open(io.BytesIO(data))
-        name = record.get("__key__") or (Path(path).name if path else content[:16])
-        image.load()
-        array = np.asarray(image.convert("RGB"))
-    except Image.DecompressionBombError as err:  # not an OSError: it would otherwise stop the run
-        raise ValueError(str(err)) from err
+    if isinstance(data, Image.Image):
+        content = hashlib.sha256(data.tobytes()).hexdigest()[:32]
+    else:
+        content = hashlib.sha256(data).hexdigest()[:32]
+    name = record.get("__key__") or (Path(path).name if path else content[:16])
+    array = read_rgb8(data, name=str(name))  # the one image reader: EXIF, transparency, 16-bit, grayscale
     return str(name), array, content
 
 

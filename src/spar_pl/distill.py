@@ -1,21 +1,20 @@
 """SPAR distillation: a frozen sliding-window teacher, a trainable single-pass student, MSE on features.
 
 ``SPAR.md`` section 3. The teacher is a frozen copy of the student's initial backbone wrapped in a
-:class:`~spar_pl.sliding.SlidingWindowTeacher`. It is not a registered submodule: it follows the module's
-device and dtype, stays in eval mode without gradients, and never enters a checkpoint.
+:class:`~spar_pl.sliding.SlidingWindowTeacher`: a registered child (model summaries, device moves and wrapping
+policies see it) in eval mode without gradients, kept out of checkpoints by :meth:`DistillModule.on_save_checkpoint`.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
+from spar_pl.callbacks import DataEpoch, SkippedImages
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.sliding import SlidingWindowTeacher
 
@@ -66,31 +65,32 @@ class DistillModule(L.LightningModule):
         shared = {id(m): m for name, m in model.named_children() if name != "visual"}
         shared.update({id(p): p for p in model._parameters.values() if p is not None})
         teacher_encoder = copy.deepcopy(self.student, memo=shared).eval().requires_grad_(False)
-        # Not an attribute nn.Module registers: kept out of state_dict, parameters() and checkpoints.
-        teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
-        object.__setattr__(self, "_teacher", teacher)
+        self.teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
         self.student.train()
         self.cache: TeacherCache | None = None
 
-    @property
-    def teacher(self) -> SlidingWindowTeacher:
-        """The frozen sliding-window teacher."""
-        return self._teacher
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._teacher._apply(fn, *args, **kwargs)  # follow .to(device) / .half() without being a child
-        return self
-
     def train(self, mode: bool = True):
         super().train(mode)
-        self._teacher.eval()
+        self.teacher.eval()  # frozen: dropout and the like stay off while the student trains
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the teacher out of checkpoints: it is the initial backbone, rebuilt from the configuration."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put this module's own teacher back into a checkpoint's state dict (saved without it), so that strict
+        loading checks every student key and the teacher stays the frozen initial backbone."""
+        state = checkpoint["state_dict"]
+        for key, value in self.teacher.state_dict(prefix="teacher.").items():
+            state.setdefault(key, value)
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
-        return self._teacher(images).float()
+        return self.teacher(images).float()
 
     def check_cache_data(self, datamodule) -> None:
         """Raise ``ValueError`` unless the data module can use a teacher cache (fixed augmentation, batch size 1)."""
@@ -111,9 +111,9 @@ class DistillModule(L.LightningModule):
         manifest = {
             "backbone": hp.backbone,
             "model_name": self.student.model_name,
-            "weights": weights_fingerprint(self._teacher.encoder.model.visual),  # the values, whatever their name
-            "crop": self._teacher.crop,
-            "stride": self._teacher.stride,
+            "weights": weights_fingerprint(self.teacher.encoder.model.visual),  # the values, whatever their name
+            "crop": self.teacher.crop,
+            "stride": self.teacher.stride,
             "seed": data.seed,
             "augmentation": repr(datamodule.augmentation),
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
@@ -175,54 +175,13 @@ class DistillModule(L.LightningModule):
         with torch.no_grad():
             return {"id": batch.get("id"), "features": self.student(self.student.normalize(batch["image"])).cpu()}
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped", 0)
-        total = int(self.trainer.strategy.reduce(torch.tensor(float(skipped), device=self.device), reduce_op="sum"))
-        self.log("train/skipped_images", float(total), sync_dist=False)
-        if total and self.trainer.is_global_zero:
-            warnings.warn(f"epoch {self.current_epoch}: skipped {total} unreadable images (named above)", stacklevel=1)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The loop's work for this task: the data module's epoch, and the count of skipped images."""
+        return [DataEpoch(), SkippedImages()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-
-class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps and at every epoch's end: what ``--ckpt_path last`` resumes.
-
-    A long epoch is not lost to a stop mid-epoch: the checkpoint holds the training loader's position
-    (:class:`~spar_pl.data.ResumableLoader`), so a resumed run continues with the next image. Lightning's
-    ``ModelCheckpoint`` takes either a step or an epoch interval, not both; this one does both and keeps no other
-    file.
-
-    Args:
-        every_n_train_steps: steps between mid-epoch checkpoints (0: at epoch ends only).
-        dirpath: the checkpoint folder (default: the logger's run folder, ``.../version_N/checkpoints``).
-    """
-
-    def __init__(self, every_n_train_steps: int = 1000, dirpath: str | None = None) -> None:
-        if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
-        super().__init__(
-            dirpath=dirpath,
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=every_n_train_steps or None,
-            every_n_epochs=None if every_n_train_steps else 1,
-            save_on_train_epoch_end=True,
-        )
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # skips a step that was just saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-CACHE_COUNTS = ("written", "kept", "recomputed", "skipped", "bytes", "float32_bytes")
 
 
 class TeacherCacheTask(L.LightningModule):
@@ -262,33 +221,3 @@ class TeacherCacheTask(L.LightningModule):
         if not self.store.is_valid(image_id, content, shape):
             out["features"] = self.distill.teacher_features(self.distill.student.normalize(image))[0]
         return out
-
-
-class CacheWriter(BasePredictionWriter):
-    """Writes :class:`TeacherCacheTask` predictions as cache entries, counts them, and sums the counts over the
-    ranks at the end (``totals`` and ``per_rank`` on every rank)."""
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="batch")
-        self.counts = dict.fromkeys(CACHE_COUNTS, 0)
-        self.totals: dict[str, int] = {}
-        self.per_rank: list[dict[str, int]] = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        store, counts = pl_module.store, self.counts
-        if prediction["features"] is None:
-            counts["kept"] += 1
-        else:
-            store.save(prediction["id"], prediction["content"], prediction["features"])
-            counts["written"] += 1
-        h, w = prediction["shape"]
-        counts["bytes"] += store.path(prediction["id"]).stat().st_size
-        counts["float32_bytes"] += 4 * pl_module.distill.student.embed_dim * h * w
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self.counts["recomputed"] = pl_module.store.rejected
-        self.counts["skipped"] = pl_module.loader.dataset.skipped.value
-        local = torch.tensor([float(self.counts[k]) for k in CACHE_COUNTS], device=pl_module.device)
-        gathered = trainer.strategy.all_gather(local).reshape(-1, len(CACHE_COUNTS)).cpu()
-        self.per_rank = [dict(zip(CACHE_COUNTS, map(int, row.tolist()))) for row in gathered]
-        self.totals = {k: sum(r[k] for r in self.per_rank) for k in CACHE_COUNTS}

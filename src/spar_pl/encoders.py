@@ -27,6 +27,7 @@ import open_clip
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -110,8 +111,9 @@ class DenseEncoder(nn.Module):
         tokenizer: the model's tokenizer, needed only to encode text; ``None`` uses open_clip's CLIP BPE
             tokenizer when the text tower has the CLIP vocabulary, else leaves none (dense features need
             none; :meth:`encode_text` then says what to pass).
-        mean: per-channel normalisation mean; ``None`` takes the backbone's (``SPAR.md`` section 1).
-        std: per-channel normalisation std; ``None`` takes the backbone's.
+        mean: per-channel normalisation mean; ``None`` takes the family's (``SPAR.md`` section 1).
+            :func:`build_encoder` passes open_clip's preprocessing statistics of a pretrained model.
+        std: per-channel normalisation std, likewise.
     """
 
     model_name: str = "custom"  # set by build_encoder; a wrapped model is "custom"
@@ -364,12 +366,11 @@ class SigLIP2Encoder(DenseEncoder):
         return [pool.latent, *pool.q.parameters(), *pool.q_norm.parameters(), *pool.k_norm.parameters()]
 
     def positional_embedding(self, h: int, w: int) -> torch.Tensor:
-        """Positional embedding ``(1, h * w, D)``, always bicubic-resized to ``size=(h, w)``."""
+        """Positional embedding ``(1, h * w, D)``, bicubic-resized to ``size=(h, w)`` without antialiasing (the
+        reference's rule; timm's ``resample_abs_pos_embed`` computes it, and returns the grid as it is at its own
+        size, where the bicubic resize is the identity)."""
         pos = self.model.visual.trunk.pos_embed
-        g = math.isqrt(pos.shape[1])
-        grid = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
-        return grid.flatten(2).transpose(1, 2)
+        return resample_abs_pos_embed(pos, [h, w], num_prefix_tokens=0, interpolation="bicubic", antialias=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Dense features ``(B, C, ceil(H / p), ceil(W / p))`` of a normalised image batch."""
@@ -721,9 +722,13 @@ def _build_open_clip(
         tokenizer, tokenizer_error = open_clip.get_tokenizer(name), None
     except Exception as err:  # e.g. a hub tokenizer offline: dense features need none, text says why it failed
         tokenizer, tokenizer_error = None, f"could not load the tokenizer of {name!r}: {err}"
-    encoder = ENCODERS[defaults["family"]](
-        model.eval(), tokenizer=tokenizer, mean=defaults.get("mean"), std=defaults.get("std")
-    )
+    # Normalisation: the backbone's own where it sets one (maskclip-legacy); else open_clip's preprocessing config
+    # when open_clip knows the weights (a pretrained tag or a hub id: for the paper's models it equals the
+    # reference's statistics); else the family's defaults (random or local weights).
+    known = getattr(model.visual, "preprocess_cfg", None) if (pretrained or name.startswith("hf-hub:")) else None
+    mean = defaults.get("mean") or (known or {}).get("mean")
+    std = defaults.get("std") or (known or {}).get("std")
+    encoder = ENCODERS[defaults["family"]](model.eval(), tokenizer=tokenizer, mean=mean, std=std)
     encoder.tokenizer_error = tokenizer_error if encoder.tokenizer is None else None
     encoder.model_name = name
     return encoder

@@ -18,12 +18,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from spar_pl.callbacks import ResultsFile
 from spar_pl.encoders import build_encoder
 from spar_pl.fileio import write_text
-from spar_pl.openvocab import OpenVocabHead
-from spar_pl.sliding import SlidingWindowTeacher
+from spar_pl.openvocab import SEGMENT_MODES, OpenVocabHead, parse_classes
+from spar_pl.sliding import check_window
 
 #: Column order of the paper's tables (``SPAR.md`` section 5) and their headers.
 TABLE_COLUMNS = {
@@ -36,7 +38,7 @@ TABLE_COLUMNS = {
 }
 ROWS = ("pretrained, single pass", "pretrained, sliding window s=24", "SPAR")
 #: Evaluation modes: single pass, the authors' logits-level sliding window, the teacher's feature-level one.
-MODES = ("single", "sliding", "sliding-features")
+MODES = SEGMENT_MODES
 
 
 class SegEvalModule(L.LightningModule):
@@ -113,11 +115,22 @@ class SegEvalModule(L.LightningModule):
             checkpoint=checkpoint,
             head_weights=head_weights,
         ).eval()
-        self.teacher = SlidingWindowTeacher(self.encoder, crop, stride, window_batch) if mode != "single" else None
-        self.head = OpenVocabHead(self.encoder, classes, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd)
-        k = self.head.num_classes
-        self.miou = MulticlassJaccardIndex(k, average="macro", ignore_index=255, validate_args=False)
-        self.iou = MulticlassJaccardIndex(k, average="none", ignore_index=255, validate_args=False)
+        if mode != "single":  # a window the fold cannot take fails here, before any data is read
+            check_window(int(crop or self.encoder.native_size), stride, self.encoder.patch_size, window_batch)
+        # The head's text embeddings are computed once the module is on its device (:meth:`build_head`): the
+        # encoder is the only module holding weights, so the state dict holds the backbone once.
+        self.classes = parse_classes(classes)
+        self.head: OpenVocabHead | None = None
+        k = len(self.classes)
+        jaccard = {"ignore_index": 255, "validate_args": False}
+        # one confusion matrix for both (a compute group): mIoU (macro) and the per-class IoU
+        self.metrics = MetricCollection(
+            {
+                "mIoU": MulticlassJaccardIndex(k, average="macro", **jaccard),
+                "IoU": MulticlassJaccardIndex(k, average="none", **jaccard),
+            },
+            compute_groups=[["mIoU", "IoU"]],
+        )
         self.register_buffer("seconds", torch.zeros(()), persistent=False)
         self.register_buffer("images", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("pixels", torch.zeros((), dtype=torch.long), persistent=False)
@@ -133,15 +146,24 @@ class SegEvalModule(L.LightningModule):
             return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
         return "SPAR" if trained else "pretrained, single pass"
 
+    def build_head(self) -> OpenVocabHead:
+        """The open-vocabulary head, its text embeddings computed on the module's device on first use."""
+        if self.head is None:
+            self.head = OpenVocabHead.from_encoder(self.encoder, self.classes, device=self.device, **self.protocol)
+        return self.head
+
+    def on_test_start(self) -> None:
+        self.build_head()
+
+    def on_predict_start(self) -> None:
+        self.build_head()
+
     @torch.no_grad()
     def predict_mask(self, image01: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Class-index mask ``(H0, W0)`` of one test-resized ``[0, 1]`` image, at the label size."""
+        hp = self.hparams
         x = self.encoder.normalize(image01[None].to(self.device))
-        if self.hparams.mode == "sliding":
-            t = self.teacher
-            return self.head.predict_sliding(self.encoder, x, size, t.crop, t.stride, t.window_batch)[0]
-        feats = self.teacher(x) if self.teacher is not None else self.encoder(x)
-        return self.head.predict(feats, size)[0]
+        return self.build_head().segment(self.encoder, x, size, hp.mode, hp.crop, hp.stride, hp.window_batch)[0]
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for image, label in zip(batch["image"], batch["label"]):
@@ -155,8 +177,7 @@ class SegEvalModule(L.LightningModule):
             self.seconds += time.perf_counter() - start
             self.images += 1
             self.pixels += (label != 255).sum()
-            self.miou.update(pred, label)
-            self.iou.update(pred, label)
+            self.metrics.update(pred, label)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """``spar-cli predict``: the class-index mask of each image at its label size, with its name."""
@@ -176,43 +197,39 @@ class SegEvalModule(L.LightningModule):
         seconds = float(reduce(self.seconds.clone(), reduce_op="sum"))
         images = int(reduce(self.images.clone(), reduce_op="sum"))
         pixels = int(reduce(self.pixels.clone(), reduce_op="sum"))
-        miou = float(self.miou.compute())
-        per_class = self.iou.compute().tolist()
-        names = [synonyms[0] for synonyms in self.head.classes]
+        computed = self.metrics.compute()
+        miou, per_class = float(computed["mIoU"]), computed["IoU"].tolist()
+        names = [synonyms[0] for synonyms in self.classes]
         self.log("test/mIoU", miou * 100)
         self.log("test/seconds_per_image", seconds / max(images, 1))
         self.log("test/peak_memory_mb", self.peak_memory_mb())
         for name, value in zip(names, per_class):
             self.log(f"test/IoU/{name}", value * 100)
         hp = self.hparams
-        if hp.results_dir and self.trainer.is_global_zero:
-            dataset = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("dataset", hp.classes)
-            entry = {
-                "dataset": dataset,
-                "row": self.row,
-                "mIoU": miou * 100,
-                "per_class_IoU": dict(zip(names, (v * 100 for v in per_class))),
-                "images": images,
-                "pixels": pixels,
-                "seconds_per_image": seconds / max(images, 1),
-                "peak_memory_mb": self.peak_memory_mb(),
-                "devices": self.trainer.world_size,
-                "config": {
-                    k: hp[k]
-                    for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
-                }
-                | {"crop": self.teacher.crop if self.teacher is not None else None}
-                | self.protocol,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("dataset", hp.classes)
+        #: this run's numbers, the entry :class:`~spar_pl.callbacks.ResultsFile` appends to the results file
+        self.results = {
+            "dataset": dataset,
+            "row": self.row,
+            "mIoU": miou * 100,
+            "per_class_IoU": dict(zip(names, (v * 100 for v in per_class))),
+            "images": images,
+            "pixels": pixels,
+            "seconds_per_image": seconds / max(images, 1),
+            "peak_memory_mb": self.peak_memory_mb(),
+            "devices": self.trainer.world_size,
+            "config": {
+                k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
             }
-            append_result(Path(hp.results_dir) / f"{hp.results_name or hp.backbone}.json", entry)
+            | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
+            | self.protocol,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
-
-def append_result(path: Path, entry: dict) -> None:
-    """Append one entry to a JSON list file, atomically (temporary file, then rename)."""
-    entries = json.loads(path.read_text()) if path.is_file() else []
-    entries.append(entry)
-    write_text(path, json.dumps(entries, indent=1))
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
+        hp = self.hparams
+        return [ResultsFile(hp.results_dir, hp.results_name or hp.backbone)] if hp.results_dir else []
 
 
 def render_table(results: Path, out: Path | None = None, title: str | None = None) -> str:

@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from torch import nn
 
+from spar_pl.sliding import SlidingWindowLogits, dense_features
+
+#: :meth:`OpenVocabHead.segment` modes: one pass, the authors' logits-level sliding window, the teacher's features.
+SEGMENT_MODES = ("single", "sliding", "sliding-features")
 #: The six benchmark class files shipped with the package (same content as the reference's).
 BENCHMARK_CLASSES = ("voc21", "voc20", "context60", "context59", "cityscapes", "ade20k")
 
@@ -78,32 +82,66 @@ def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
     return parsed
 
 
+def text_embeddings(
+    encoder: nn.Module,
+    names: Sequence[str],
+    templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Embeddings ``(S, C)`` (float32, L2-normalised) of ``names`` from an encoder's text tower: per name, the
+    L2-normalised mean over ``templates`` of L2-normalised text features (open_clip's zero-shot classifier).
+
+    Args:
+        encoder: a :class:`~spar_pl.encoders.DenseEncoder` (its ``model`` and ``tokenizer``).
+        names: one entry per synonym.
+        device: where the text tower runs (default: the encoder's device).
+    """
+    model = encoder.model
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):  # the text tower in float32, whatever the encoder runs
+            weights = build_zero_shot_classifier(
+                model, encoder.tokenizer, list(names), tuple(templates), num_classes_per_batch=10, device=device
+            )
+    finally:
+        model.train(was_training)
+    return weights.T.float().contiguous()
+
+
 class OpenVocabHead(nn.Module):
     """Scores dense features against class-name text embeddings and turns them into masks.
 
+    The head holds the synonyms' text embeddings (a buffer), not an encoder: build it from an encoder's text
+    tower with :meth:`from_encoder`, or from embeddings computed elsewhere.
+
     Args:
-        encoder: the :class:`~spar_pl.encoders.DenseEncoder` whose text tower embeds the names.
+        text: synonym embeddings ``(S, C)``, L2-normalised, one row per synonym of ``classes`` in order.
         classes: class entries, a class-file path or a benchmark name (:func:`parse_classes`).
         logit_scale: multiplier on cosine similarities before the softmax.
         prob_thd: pixels whose best class score is below this become class 0.
         area_thd: if set, classes other than 0 covering at most this fraction of the non-class-0
             predicted pixels of an image are suppressed (their scores zeroed) before the argmax.
-        templates: prompt templates; the 80 OpenAI ImageNet templates by default.
     """
 
     def __init__(
         self,
-        encoder: nn.Module,
+        text: torch.Tensor,
         classes: str | Path | Sequence[str],
         logit_scale: float = 40.0,
         prob_thd: float = 0.0,
         area_thd: float | None = None,
-        templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
     ) -> None:
         super().__init__()
-        self.encoder = encoder
         self.classes = parse_classes(classes)
         self.synonyms = [name for names in self.classes for name in names]
+        if text.ndim != 2 or text.shape[0] != len(self.synonyms):
+            raise ValueError(
+                f"text embeddings of shape {tuple(text.shape)} for {len(self.synonyms)} synonyms; expected "
+                f"({len(self.synonyms)}, C)"
+            )
+        self.register_buffer("text", text.detach().float().contiguous(), persistent=False)
         #: index of each class's first synonym, and the synonym count last: class k is synonyms starts[k]:starts[k+1]
         self.starts = [0, *itertools.accumulate(len(names) for names in self.classes)]
         self.register_buffer(
@@ -114,33 +152,29 @@ class OpenVocabHead(nn.Module):
         self.logit_scale = float(logit_scale)
         self.prob_thd = float(prob_thd)
         self.area_thd = area_thd
-        self.templates = tuple(templates)
-        self._text_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder: nn.Module,
+        classes: str | Path | Sequence[str],
+        templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
+        device: torch.device | str | None = None,
+        **kwargs,
+    ) -> OpenVocabHead:
+        """The head of ``classes`` with embeddings from ``encoder``'s text tower (:func:`text_embeddings`), computed
+        once, on ``device`` (default: the encoder's); ``kwargs``: ``logit_scale``, ``prob_thd``, ``area_thd``."""
+        parsed = parse_classes(classes)
+        text = text_embeddings(encoder, [name for names in parsed for name in names], templates, device)
+        return cls(text, [", ".join(names) for names in parsed], **kwargs)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def text_embeddings(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Synonym embeddings ``(S, C)``, computed once per device and dtype."""
-        device = torch.device(device)
-        key = (device, dtype)
-        if key not in self._text_cache:
-            model = self.encoder.model
-            was_training = model.training
-            model.eval()
-            with torch.autocast(device.type, enabled=False):  # the text tower in float32, whatever the encoder runs
-                tokenizer, names, templates = self.encoder.tokenizer, self.synonyms, self.templates
-                weights = build_zero_shot_classifier(
-                    model, tokenizer, names, templates, num_classes_per_batch=10, device=device
-                )
-            model.train(was_training)
-            self._text_cache[key] = weights.T.to(dtype).contiguous()
-        return self._text_cache[key]
-
     def synonym_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine similarities ``(B, S, h, w)`` of L2-normalised features with every synonym."""
-        text = self.text_embeddings(feats.device)
+        text = self.text.to(feats.device)
         with torch.autocast(feats.device.type, enabled=False):  # float32 under a mixed-precision encoder
             return torch.einsum("bchw,sc->bshw", F.normalize(feats.float(), dim=1), text)
 
@@ -210,13 +244,40 @@ class OpenVocabHead(nn.Module):
         """Class-index masks of the logits-level sliding window of the authors' evaluation
         (:class:`~spar_pl.sliding.SlidingWindowLogits`): window logits averaged on a full-resolution canvas,
         resized to ``size``, then the mask rule, all in chunks of classes."""
-        from spar_pl.sliding import SlidingWindowLogits
-
-        text = self.text_embeddings(images.device)
-        source = SlidingWindowLogits(encoder, images, text, crop, stride, window_batch, size)
+        source = SlidingWindowLogits(encoder, images, self.text, crop, stride, window_batch, size)
         # the canvas is at the input size, which may exceed the output size: size chunks for the larger
         scale = (size[0] * size[1]) / max(size[0] * size[1], images.shape[-2] * images.shape[-1])
         return self.predict_chunked(source, images.shape[0], size, images.device, probs_out, int(budget_bytes * scale))
+
+    def segment(
+        self,
+        encoder: nn.Module,
+        images: torch.Tensor,
+        size: tuple[int, int],
+        mode: str = "single",
+        crop: int | None = None,
+        stride: int = 24,
+        window_batch: int = 16,
+        probs_out: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Class-index masks ``(B, H0, W0)`` of normalised images through ``encoder``: every caller's one road from
+        an image batch to masks.
+
+        Args:
+            mode: ``single`` (one pass, then :meth:`predict`); ``sliding`` (the authors' evaluation baseline,
+                :meth:`predict_sliding`); ``sliding-features`` (the teacher's features,
+                :func:`~spar_pl.sliding.dense_features`, then :meth:`predict`).
+            crop: window side (default: the encoder's pretraining size); stride, window_batch: the window's.
+            size, probs_out: see :meth:`predict`.
+        """
+        if mode == "sliding":
+            crop = int(crop or encoder.native_size)
+            return self.predict_sliding(encoder, images, size, crop, stride, window_batch, probs_out)
+        if mode not in SEGMENT_MODES:
+            raise ValueError(f"unknown segmentation mode {mode!r}; choose one of {', '.join(SEGMENT_MODES)}")
+        feature_mode = "single" if mode == "single" else "sliding"
+        feats = dense_features(encoder, images, feature_mode, crop, stride, window_batch)
+        return self.predict(feats, size, probs_out)
 
     def predict_chunked(
         self,

@@ -250,24 +250,30 @@ Features = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.inference_mode()
 def evaluate(
-    features: Features, head: OpenVocabHead, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 4
+    features: Features,
+    head: OpenVocabHead,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 4,
+    *,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[float, float]:
     """Dataset-level mIoU (percent) and seconds per image of one way of computing dense features.
 
     Args:
         features: maps normalised images ``(B, 3, H, W)`` to dense features ``(B, C, h, w)``.
-        head: the open-vocabulary head (its encoder normalises the images).
+        head: the open-vocabulary head.
         images: ``(N, 3, H, W)`` in ``[0, 1]``.
         labels: ``(N, H, W)`` class indices.
         batch_size: images per call.
+        normalize: the encoder's input normalisation.
     """
     metric = MulticlassJaccardIndex(num_classes=head.num_classes, average="macro", ignore_index=255)
-    head.text_embeddings(images.device)  # built once, outside the timing
-    features(head.encoder.normalize(images[:1]))  # a warm-up call, outside the timing
+    features(normalize(images[:1]))  # a warm-up call, outside the timing
     elapsed = 0.0
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         t0 = time.perf_counter()
-        feats = features(head.encoder.normalize(x))
+        feats = features(normalize(x))
         mask = head.predict(feats, tuple(y.shape[-2:]))
         elapsed += time.perf_counter() - t0
         metric.update(mask, y)
@@ -327,14 +333,14 @@ def run_seed(
         distillation time ``distill_s``.
     """
     encoder = load_tiny(weights).eval()
-    head = OpenVocabHead(encoder, SHAPE_CLASSES)
+    head = OpenVocabHead.from_encoder(encoder, SHAPE_CLASSES)
     teacher = SlidingWindowTeacher(encoder, crop=NATIVE, stride=24, window_batch=128)
     native_x, native_y = make_scenes(eval_images * 4, NATIVE, seed, "heldout-native")
     high_x, high_y = make_scenes(eval_images, HIGH_RES, seed, "heldout")
     r: dict[str, float] = {}
-    r["native"], r["native_s"] = evaluate(encoder, head, native_x, native_y, batch_size=32)
-    r["single"], r["single_s"] = evaluate(encoder, head, high_x, high_y)
-    r["sliding"], r["sliding_s"] = evaluate(teacher, head, high_x, high_y)
+    r["native"], r["native_s"] = evaluate(encoder, head, native_x, native_y, batch_size=32, normalize=encoder.normalize)
+    r["single"], r["single_s"] = evaluate(encoder, head, high_x, high_y, normalize=encoder.normalize)
+    r["sliding"], r["sliding_s"] = evaluate(teacher, head, high_x, high_y, normalize=encoder.normalize)
     log(
         f"seed {seed}: native {NATIVE}px {r['native']:.1f} | {HIGH_RES}px single pass {r['single']:.1f}, "
         f"sliding window {r['sliding']:.1f}"
@@ -342,8 +348,8 @@ def run_seed(
     t0 = time.perf_counter()
     module = distill(weights, seed, distill_steps, distill_batch, lr)
     r["distill_s"] = time.perf_counter() - t0
-    spar_head = OpenVocabHead(module.student, SHAPE_CLASSES)
-    r["spar"], r["spar_s"] = evaluate(module.student, spar_head, high_x, high_y)
+    spar_head = OpenVocabHead.from_encoder(module.student, SHAPE_CLASSES)
+    r["spar"], r["spar_s"] = evaluate(module.student, spar_head, high_x, high_y, normalize=module.student.normalize)
     log(f"seed {seed}: SPAR {r['spar']:.1f} after {distill_steps} distillation steps ({r['distill_s']:.0f}s)")
     return r
 

@@ -19,7 +19,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
+
+from spar_pl.images import read_image
 
 
 @dataclass(frozen=True)
@@ -164,36 +167,14 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, label_path, name = self.samples[index]
         label = read_label(label_path, self.benchmark.reduce_zero_label)
-        try:
-            with Image.open(image_path) as img:
-                rgb = np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError) as err:
-            raise ValueError(f"cannot read image {image_path}: {err}") from err
-        if rgb.shape[:2] != label.shape:
-            raise ValueError(f"image {image_path} is {rgb.shape[:2]} but its label {label_path} is {label.shape}")
-        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+        image = read_image(image_path)  # the one image reader (ImageInputError, a ValueError, names the file)
+        if tuple(image.shape[1:]) != label.shape:
+            raise ValueError(
+                f"image {image_path} is {tuple(image.shape[1:])} but its label {label_path} is {label.shape}"
+            )
         size = eval_size(*label.shape, *self.benchmark.max_sides)
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         return {"image": image, "label": torch.from_numpy(label), "name": name}
-
-
-class RankShard(torch.utils.data.IterableDataset):
-    """This rank's (and loader worker's) stride of a map-style dataset: every item exactly once overall."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__()
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
-
-    def indices(self) -> range:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return range(self.rank * workers + worker, len(self.dataset), self.world_size * workers)
-
-    def __iter__(self):
-        return (self.dataset[i] for i in self.indices())
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.world_size))
 
 
 def collate_lists(samples: list[dict]) -> dict:
@@ -228,10 +209,21 @@ class SegDataModule(L.LightningDataModule):
         self.data = SegDataset(self.hparams.dataset, self.hparams.root, self.hparams.split)
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
+        """This rank's share, every image exactly once over the ranks (Lightning's unrepeated sampler: ranks take
+        every ``world_size``-th image from their rank on; none is padded in, so no image counts twice)."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = None
+        if world > 1:
+            if len(self.data) < world:
+                raise ValueError(
+                    f"{self.hparams.dataset}: {len(self.data)} images cannot be shared by {world} processes; "
+                    f"use at most {len(self.data)} devices"
+                )
+            sampler = UnrepeatedDistributedSampler(self.data, num_replicas=world, rank=rank, shuffle=False)
         return torch.utils.data.DataLoader(
-            RankShard(self.data, rank, world),
+            self.data,
+            sampler=sampler,
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_lists,

@@ -18,6 +18,8 @@ this implements the evident intent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,11 +62,102 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> torch.Tenso
     return torch.cartesian_prod(tops, lefts)
 
 
-class SlidingWindowTeacher(nn.Module):
-    """Dense features from sliding ``crop x crop`` windows at ``stride``, averaged on a fine canvas.
+def check_window(crop: int, stride: int, patch_size: int, window_batch: int = 1) -> None:
+    """Raise ``ValueError`` for a sliding window the fold cannot take: a crop or stride below 1, a crop that is not
+    a multiple of the patch, or fewer than one window per encoder call."""
+    if window_batch < 1:
+        raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+    if stride < 1 or crop < 1:
+        raise ValueError(f"sliding-window crop and stride must be positive, got crop={crop}, stride={stride}")
+    if crop % patch_size:
+        raise ValueError(f"crop {crop} is not a multiple of the patch size {patch_size}")
 
-    The encoder is called on batches of at most ``window_batch`` windows, so memory is bounded by the
-    chunk whatever the image size; the fold is one ``index_add_`` per chunk.
+
+def sliding_window(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    crop: int,
+    stride: int,
+    patch_size: int,
+    window_batch: int = 16,
+) -> torch.Tensor:
+    """Dense features ``(B, C, H // p, W // p)`` from sliding ``crop x crop`` windows, averaged on a fine canvas.
+
+    The encoder is called on batches of at most ``window_batch`` windows, so memory is bounded by the chunk
+    whatever the image size; the fold is one ``index_add_`` per chunk.
+
+    Args:
+        encoder: any callable mapping normalised crops ``(n, 3, c, c)`` to features ``(n, C, c/p, c/p)``.
+        images: normalised images ``(B, 3, H, W)``.
+        crop: window side in pixels (a multiple of ``patch_size``).
+        stride: step between windows (the reference uses 24 for every backbone).
+        patch_size: the encoder's patch side ``p``.
+        window_batch: windows per encoder call.
+    """
+    check_window(crop, stride, patch_size, window_batch)
+    b, _, height, width = images.shape
+    f, p = patch_size // upsample_factor(patch_size, stride), patch_size
+    ch, cw = min(crop, height), min(crop, width)  # window size (smaller images: whole side)
+    hf, wf = height // f, width // f
+    boxes = window_boxes(height, width, crop, stride).to(images.device)
+    n_win = boxes.shape[0]
+    # Canvas offsets of each window's (ch/f, cw/f) cells, flattened: (n_win, ch/f * cw/f).
+    rows = (boxes[:, :1] // f + torch.arange(ch // f, device=images.device)).unsqueeze(2)
+    cols = (boxes[:, 1:] // f + torch.arange(cw // f, device=images.device)).unsqueeze(1)
+    cells = (rows * wf + cols).flatten(1)
+    count = torch.zeros(hf * wf, device=images.device).index_add_(
+        0, cells.flatten(), torch.ones(cells.numel(), device=images.device)
+    )
+    # Pixel indices of each window, for batched extraction without a loop over windows.
+    pix_r = boxes[:, 0, None] + torch.arange(ch, device=images.device)
+    pix_c = boxes[:, 1, None] + torch.arange(cw, device=images.device)
+
+    canvas = None
+    pairs = torch.cartesian_prod(torch.arange(b, device=images.device), torch.arange(n_win, device=images.device))
+    for chunk in pairs.split(window_batch):
+        bi, wi = chunk[:, 0], chunk[:, 1]
+        crops = images[bi[:, None, None], :, pix_r[wi][:, :, None], pix_c[wi][:, None, :]]  # (n, ch, cw, 3)
+        feats = encoder(crops.permute(0, 3, 1, 2).contiguous())  # a contiguous batch runs faster
+        feats = F.interpolate(feats.float(), size=(ch // f, cw // f), mode="bilinear", align_corners=False)
+        if canvas is None:
+            canvas = feats.new_zeros(b * hf * wf, feats.shape[1])
+        index = (bi[:, None] * (hf * wf) + cells[wi]).flatten()
+        canvas.index_add_(0, index, feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))  # cells x C rows
+    canvas = canvas.view(b, hf * wf, -1) / count.clamp(min=1).view(1, -1, 1)
+    canvas = canvas.transpose(1, 2).reshape(b, -1, hf, wf)
+    return F.interpolate(canvas, size=(height // p, width // p), mode="bilinear", align_corners=False)
+
+
+#: :func:`dense_features` modes: one pass, or the sliding window's features.
+FEATURE_MODES = ("single", "sliding")
+
+
+def dense_features(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    mode: str = "single",
+    crop: int | None = None,
+    stride: int = 24,
+    window_batch: int = 16,
+) -> torch.Tensor:
+    """Dense features of normalised images ``(B, 3, H, W)``: every caller's one road from an encoder to features.
+
+    Args:
+        encoder: a :class:`~spar_pl.encoders.DenseEncoder` (``patch_size`` and ``native_size`` attributes).
+        mode: ``single`` (one pass at the input size, interpolated positional embeddings) or ``sliding``
+            (:func:`sliding_window`, the distillation teacher's features).
+        crop: window side (default: the encoder's pretraining size); stride, window_batch: see :func:`sliding_window`.
+    """
+    if mode == "single":
+        return encoder(images)
+    if mode == "sliding":
+        crop = int(crop or encoder.native_size)
+        return sliding_window(encoder, images, crop, stride, encoder.patch_size, window_batch)
+    raise ValueError(f"unknown feature mode {mode!r}; choose one of {', '.join(FEATURE_MODES)}")
+
+
+class SlidingWindowTeacher(nn.Module):
+    """The distillation teacher: an encoder (a registered child) run through :func:`sliding_window`.
 
     Args:
         encoder: a :class:`~spar_pl.encoders.DenseEncoder` (anything mapping ``(n, 3, c, c)`` to
@@ -81,13 +174,8 @@ class SlidingWindowTeacher(nn.Module):
         self.stride = int(stride)
         self.window_batch = int(window_batch)
         self.patch_size = int(encoder.patch_size)
-        if self.window_batch < 1:
-            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
-        if self.stride < 1 or self.crop < 1:
-            raise ValueError(f"sliding-window crop and stride must be positive, got crop={self.crop}, stride={stride}")
+        check_window(self.crop, self.stride, self.patch_size, self.window_batch)
         self.cell = self.patch_size // upsample_factor(self.patch_size, self.stride)
-        if self.crop % self.patch_size:
-            raise ValueError(f"crop {self.crop} is not a multiple of the patch size {self.patch_size}")
 
     def extra_repr(self) -> str:
         return f"crop={self.crop}, stride={self.stride}, window_batch={self.window_batch}, cell={self.cell}"
@@ -98,37 +186,7 @@ class SlidingWindowTeacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher features ``(B, C, H // p, W // p)`` of a normalised image batch ``(B, 3, H, W)``."""
-        b, _, height, width = images.shape
-        f, p = self.cell, self.patch_size
-        ch, cw = min(self.crop, height), min(self.crop, width)  # window size (smaller images: whole side)
-        hf, wf = height // f, width // f
-        boxes = window_boxes(height, width, self.crop, self.stride).to(images.device)
-        n_win = boxes.shape[0]
-        # Canvas offsets of each window's (ch/f, cw/f) cells, flattened: (n_win, ch/f * cw/f).
-        rows = (boxes[:, :1] // f + torch.arange(ch // f, device=images.device)).unsqueeze(2)
-        cols = (boxes[:, 1:] // f + torch.arange(cw // f, device=images.device)).unsqueeze(1)
-        cells = (rows * wf + cols).flatten(1)
-        count = torch.zeros(hf * wf, device=images.device).index_add_(
-            0, cells.flatten(), torch.ones(cells.numel(), device=images.device)
-        )
-        # Pixel indices of each window, for batched extraction without a loop over windows.
-        pix_r = boxes[:, 0, None] + torch.arange(ch, device=images.device)
-        pix_c = boxes[:, 1, None] + torch.arange(cw, device=images.device)
-
-        canvas = None
-        pairs = torch.cartesian_prod(torch.arange(b, device=images.device), torch.arange(n_win, device=images.device))
-        for chunk in pairs.split(self.window_batch):
-            bi, wi = chunk[:, 0], chunk[:, 1]
-            crops = images[bi[:, None, None], :, pix_r[wi][:, :, None], pix_c[wi][:, None, :]]  # (n, ch, cw, 3)
-            feats = self.encoder(crops.permute(0, 3, 1, 2).contiguous())  # a contiguous batch runs faster
-            feats = F.interpolate(feats.float(), size=(ch // f, cw // f), mode="bilinear", align_corners=False)
-            if canvas is None:
-                canvas = feats.new_zeros(b * hf * wf, feats.shape[1])
-            index = (bi[:, None] * (hf * wf) + cells[wi]).flatten()
-            canvas.index_add_(0, index, feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))  # cells x C rows
-        canvas = canvas.view(b, hf * wf, -1) / count.clamp(min=1).view(1, -1, 1)
-        canvas = canvas.transpose(1, 2).reshape(b, -1, hf, wf)
-        return F.interpolate(canvas, size=(height // p, width // p), mode="bilinear", align_corners=False)
+        return sliding_window(self.encoder, images, self.crop, self.stride, self.patch_size, self.window_batch)
 
 
 class SlidingWindowLogits:
