@@ -9,7 +9,7 @@ repeat so that load on the machine hits them alike. Sections:
    same windows alone; the fold, unfold and resize must stay under 5% of the encoder time.
 2. Naive against ours: the teacher against a per-window loop with a Python fold
    (``spar_pl.testing.naive_teacher``), same windows; the outputs are asserted equal.
-3. Student against teacher: one single pass against the stride-24 sliding window (``SPAR.md`` section 5:
+3. Student against teacher: one single pass against the stride-24 sliding window (``docs/method.md`` section 5:
    about 52x for SigLIP2), with the window count behind the ratio.
 4. Memory: peak memory of the teacher at 1024x2048 for window_batch 1, 16 and 64, each in a fresh process.
 5. Cache: bytes per image of the float16 safetensors cache against float32 pickles, and read throughput.

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils import benchmark
 
 STRIDE = 24
-PAPER_RATIO = 52.0  # SPAR.md section 5: stride-24 sliding window vs one single pass, SigLIP2 B/16
-PAPER_CACHE_BYTES = 170e9 / 25_000  # SPAR.md section 3: about 170 GB of teacher features for 25K images
+PAPER_RATIO = 52.0  # docs/method.md section 5: stride-24 sliding window vs one single pass, SigLIP2 B/16
+PAPER_CACHE_BYTES = 170e9 / 25_000  # docs/method.md section 3: about 170 GB of teacher features for 25K images
 OVERHEAD_LIMIT = 0.05
 SECTIONS = (
     "1. Teacher overhead",

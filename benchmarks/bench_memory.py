@@ -183,13 +183,13 @@ def _status_kb(key: str) -> int:
 def head_memory_child(job: dict) -> dict:
     """Peak memory of segmenting one image's features at its size (mask and float16 probabilities to a file)."""
     from spar_pl.fileio import safetensors_writer
-    from spar_pl.openvocab import OpenVocabHead
+    from spar_pl.openvocab import OpenVocabHead, parse_classes
 
     device = torch.device(job["device"])
     encoder = make_encoder(ModelSpec(job["backbone"], job["name"], job["name"]), device)
-    head = OpenVocabHead(encoder, job["classes"])
-    text = F.normalize(torch.randn(len(head.synonyms), encoder.embed_dim), dim=1).to(device)
-    head._text_cache[(device, torch.float32)] = text  # random text: memory does not depend on it
+    synonyms = sum(len(names) for names in parse_classes(job["classes"]))
+    text = F.normalize(torch.randn(synonyms, encoder.embed_dim), dim=1)  # random text: memory does not depend on it
+    head = OpenVocabHead(text, job["classes"]).to(device)
     height, width = job["size"]
     p = encoder.patch_size
     feats = torch.randn(1, encoder.embed_dim, -(-height // p), -(-width // p), device=device)

@@ -81,7 +81,7 @@ class ReplayEncoder(nn.Module):
 
 
 def windows_of(height: int, width: int, crop: int) -> list[tuple[int, int]]:
-    """The teacher's windows ``(top, left)``, row-major (``SPAR.md`` section 2)."""
+    """The teacher's windows ``(top, left)``, row-major (``docs/method.md`` section 2)."""
     return [(t, left) for t in window_starts(height, crop, STRIDE) for left in window_starts(width, crop, STRIDE)]
 
 

@@ -1,7 +1,7 @@
 """Reference implementations and helpers for tests and benchmarks.
 
 Not used by the library's own code paths. The references here are written plainly from the method's
-description (``SPAR.md``), independently of the optimised code they check: they import nothing from
+description (``docs/method.md``), independently of the optimised code they check: they import nothing from
 :mod:`spar_pl.sliding`, so a mistake there cannot hide in the reference as well.
 """
 
@@ -16,7 +16,7 @@ __all__ = ["naive_teacher", "naive_upsample_factor", "naive_window_starts"]
 
 
 def naive_window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Window starts along one axis (``SPAR.md`` section 2, step 1).
+    """Window starts along one axis (``docs/method.md`` section 2, step 1).
 
     ``range(0, size - crop + 1, stride)``, plus one window flush with the far edge when the last start is not
     already there. A side shorter than the crop (where the reference crashes) gets one window at 0 that covers
@@ -41,7 +41,7 @@ def naive_upsample_factor(patch: int, stride: int) -> int:
 def naive_teacher(
     encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, crop: int, stride: int
 ) -> torch.Tensor:
-    """Sliding-window teacher features, the per-window loop of ``SPAR.md`` section 2 written plainly.
+    """Sliding-window teacher features, the per-window loop of ``docs/method.md`` section 2 written plainly.
 
     One encoder call per window, each window's features bilinearly upsampled (align_corners False) to
     ``crop / f`` cells a side, summed into a canvas with a count map in a Python loop, the canvas divided by the
