@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised encoders built in-process (no downloads)."""
+"""Shared fixtures: tiny randomly initialised encoders built in-process (no downloads), tiny image folders."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from spar_pl.data import write_sample_images
 from spar_pl.encoders import TINY_MODELS, DenseEncoder, build_encoder
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that tiny models have no pretrained weights
@@ -30,3 +31,12 @@ def clip_encoder() -> DenseEncoder:
 @pytest.fixture
 def siglip_encoder() -> DenseEncoder:
     return tiny_encoder("siglip2")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder with ``train/`` (6 generated images) and ``val/`` (2), one per test module."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_sample_images(root / "train", 6, seed=0)
+    write_sample_images(root / "val", 2, seed=1)
+    return root

@@ -1,8 +1,30 @@
-"""Callbacks the subprocess tests load through the CLI (``--trainer.callbacks+=tests.helpers.RecordIds``)."""
+"""Plain helpers shared by test modules (fixtures live in ``conftest.py``), and the callbacks the subprocess
+tests load through the CLI (``--trainer.callbacks+=tests.helpers.RecordIds``)."""
 
 from pathlib import Path
 
 import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "distill" / "tiny.yaml")
+
+
+def fit_args(images: Path, root: Path, *extra: str) -> list[str]:
+    """``spar-cli fit`` arguments for the tiny distillation config on the ``images`` fixture's folders."""
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--data.init_args.train_source",
+        str(images / "train"),
+        "--data.init_args.val_source",
+        str(images / "val"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
 
 
 class RecordIds(L.Callback):

@@ -10,7 +10,7 @@ from spar_pl.cache import TeacherCache
 from spar_pl.cli import cache, main
 from spar_pl.data import write_sample_images
 
-from .test_distill import ROOT, TINY, fit_args, images  # noqa: F401  (module fixture)
+from .helpers import ROOT, TINY, fit_args
 
 MANIFEST = {
     "backbone": "siglip2",
@@ -80,12 +80,12 @@ def test_only_the_owner_cleans_and_writes_the_manifest(tmp_path):
     assert not writing.exists() and manifest.is_file() and follower.load("x.jpg", "c") is not None
 
 
-def cache_args(images, store, *extra):  # noqa: F811
+def cache_args(images, store, *extra):
     args = ["--config", TINY, "--data.init_args.train_source", str(images / "train")]
     return [*args, "--model.init_args.teacher_cache", str(store), "--trainer.enable_progress_bar", "false", *extra]
 
 
-def test_cache_command_resumes_and_training_uses_it(images, tmp_path, monkeypatch):  # noqa: F811
+def test_cache_command_resumes_and_training_uses_it(images, tmp_path, monkeypatch):
     store = tmp_path / "cache"
     args = cache_args(images, store)
     first = cache(args)
@@ -118,7 +118,7 @@ def test_cache_command_resumes_and_training_uses_it(images, tmp_path, monkeypatc
     assert loss(tmp_path / "cached") == pytest.approx(loss(tmp_path / "online"), rel=1e-2)
 
 
-def test_cache_notices_new_content_and_another_random_teacher(images, tmp_path):  # noqa: F811
+def test_cache_notices_new_content_and_another_random_teacher(images, tmp_path):
     train = tmp_path / "train"
     write_sample_images(train, 3, seed=0)
     store = tmp_path / "cache"
@@ -134,7 +134,7 @@ def test_cache_notices_new_content_and_another_random_teacher(images, tmp_path):
     assert reseeded["written"] == 3 and reseeded["kept"] == 0
 
 
-def test_cache_refuses_fresh_augmentation(images, tmp_path):  # noqa: F811
+def test_cache_refuses_fresh_augmentation(images, tmp_path):
     args = ["--config", TINY, "--data.init_args.train_source", str(images / "train"), "--data.init_args.mode", "fresh"]
     with pytest.raises(ValueError, match="fixed augmentation"):
         cache([*args, "--model.init_args.teacher_cache", str(tmp_path)])

@@ -8,6 +8,7 @@ from spar_pl.cli import main, quickstart
 from spar_pl.data import write_sample_images
 
 
+@pytest.mark.slow  # distils, evaluates and renders end to end (about 25 s on 2 CPUs)
 def test_quickstart_writes_overlays(tmp_path, capsys):
     numbers = quickstart(["--backbone", "siglip2", "--out", str(tmp_path), "--classes", "sky", "grass, lawn", "house"])
     assert numbers["heldout_mse_after"] < numbers["heldout_mse_before"]

@@ -21,33 +21,7 @@ from spar_pl.data import (
 from spar_pl.distill import DistillModule
 from spar_pl.encoders import build_encoder
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "distill" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    write_sample_images(root / "train", 6, seed=0)
-    write_sample_images(root / "val", 2, seed=1)
-    return root
-
-
-def fit_args(images, root, *extra):
-    return [
-        "fit",
-        "--config",
-        TINY,
-        "--data.init_args.train_source",
-        str(images / "train"),
-        "--data.init_args.val_source",
-        str(images / "val"),
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
+from .helpers import ROOT, fit_args
 
 
 SHIPPED = sorted(p for folder in ("distill", "eval", "backbones") for p in (ROOT / "configs" / folder).glob("*.yaml"))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from spar_pl.evaluate import SegEvalModule
 from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label, write_tiny_benchmarks
@@ -98,19 +99,26 @@ def test_perfect_prediction_gives_miou_one_and_ignores_255(bench):
     assert metrics["test/mIoU"] == pytest.approx(100.0)
 
 
-def test_hand_computed_three_class_example():
-    module = tiny_eval(classes=["a", "b", "c"])
-    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
-    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
-    miou, iou = module.metrics["mIoU"], module.metrics["IoU"]
-    module.metrics.update(pred, label)
-    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1, fn 1 -> 2/4; class 2: tp 1, fp 1, fn 1 -> 1/3
-    expected = [1 / 3, 2 / 4, 1 / 3]
-    torch.testing.assert_close(iou.compute(), torch.tensor(expected))
-    assert float(miou.compute()) == pytest.approx(sum(expected) / 3)
-    module.metrics.reset()
-    module.metrics.update(torch.tensor([0, 0]), torch.tensor([0, 1]))  # class 2 absent from both: excluded
-    assert float(miou.compute()) == pytest.approx((1 / 2 + 0) / 2)
+def test_hand_computed_dataset_level_miou_through_the_module():
+    """test_step and on_test_epoch_end on two hand-made images: one confusion matrix over the dataset (not a mean
+    of per-image scores), 255 ignored whatever is predicted there, a class absent from both prediction and label
+    left out of the mean."""
+    module = tiny_eval(classes=["a", "b", "c", "d"])
+    labels = [torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]]), torch.tensor([[0, 0], [0, 0]])]
+    preds = [torch.tensor([[0, 1, 1, 1], [2, 0, 3, 2]]), torch.tensor([[0, 0], [0, 1]])]
+    module.predict_mask = lambda image, size: preds.pop(0)
+    batches = [{"image": [torch.zeros(3, *lab.shape) for lab in labels], "label": labels}]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    metrics = trainer.test(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    # a: tp 1+3, label 2+4, pred 2+3 -> 4/7; b: tp 2, label 3, pred 3+1 -> 2/5; c: tp 1, label 2, pred 2 -> 1/3;
+    # d: predicted only on the ignored pixel, absent from the labels -> not in the mean
+    expected = {"a": 4 / 7, "b": 2 / 5, "c": 1 / 3}
+    for name, iou in expected.items():
+        assert metrics[f"test/IoU/{name}"] == pytest.approx(100 * iou)
+    assert metrics["test/mIoU"] == pytest.approx(100 * sum(expected.values()) / 3)
+    assert not preds  # every image went through test_step
 
 
 def test_batch_size_does_not_change_the_numbers(bench, tmp_path):

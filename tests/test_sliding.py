@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spar_pl.sliding import SlidingWindowTeacher, upsample_factor, window_starts
+from spar_pl.testing import naive_teacher, naive_upsample_factor, naive_window_starts
 
 
 class PatchStatEncoder(nn.Module):
@@ -23,29 +24,6 @@ class PatchStatEncoder(nn.Module):
         return torch.tanh(self.mix(F.avg_pool2d(x, self.patch_size)))
 
 
-def naive_teacher(encoder, images, crop, stride):
-    """The reference semantics written plainly: a Python loop over windows and a Python fold."""
-    b, _, height, width = images.shape
-    p = encoder.patch_size
-    f = p // upsample_factor(p, stride)
-    out = []
-    for img in images:
-        canvas = count = None
-        for top in window_starts(height, crop, stride):
-            for left in window_starts(width, crop, stride):
-                ch, cw = min(crop, height), min(crop, width)
-                feat = encoder(img[None, :, top : top + ch, left : left + cw])
-                feat = F.interpolate(feat, size=(ch // f, cw // f), mode="bilinear", align_corners=False)[0]
-                if canvas is None:
-                    canvas = torch.zeros(feat.shape[0], height // f, width // f)
-                    count = torch.zeros(1, height // f, width // f)
-                canvas[:, top // f : top // f + ch // f, left // f : left // f + cw // f] += feat
-                count[:, top // f : top // f + ch // f, left // f : left // f + cw // f] += 1
-        avg = (canvas / count.clamp(min=1))[None]
-        out.append(F.interpolate(avg, size=(height // p, width // p), mode="bilinear", align_corners=False))
-    return torch.cat(out)
-
-
 def test_window_starts_include_the_edge_window():
     assert window_starts(100, 64, 24) == [0, 24, 36]
     assert window_starts(112, 64, 24) == [0, 24, 48]
@@ -60,10 +38,18 @@ def test_window_starts_include_the_edge_window():
     ("stride", "factor"), [(8, 2), (16, 1), (24, 2), (32, 1), (56, 2), (112, 1), (224, 1), (12, 4), (7, 16)]
 )
 def test_upsample_factor(stride, factor):
-    assert upsample_factor(16, stride) == factor
+    assert upsample_factor(16, stride) == factor == naive_upsample_factor(16, stride)
 
 
-@pytest.mark.parametrize(("size", "stride"), [((100, 150), 24), ((96, 160), 32), ((128, 80), 56), ((70, 64), 8)])
+def test_window_starts_equal_the_reference_rule():
+    for size in range(1, 300):
+        for crop, stride in ((64, 24), (64, 64), (32, 7), (224, 24)):
+            assert window_starts(size, crop, stride) == naive_window_starts(size, crop, stride), (size, crop, stride)
+
+
+@pytest.mark.parametrize(
+    ("size", "stride"), [((100, 150), 24), ((96, 160), 32), ((128, 80), 56), ((70, 64), 8), ((40, 150), 24)]
+)
 def test_fold_is_exact_average(size, stride):
     enc = PatchStatEncoder()
     images = torch.randn(2, 3, *size)
