@@ -19,7 +19,7 @@ from bench_plans import ModelSpec
 def write_photo_like_jpegs(out: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
     """JPEGs with about the entropy of photos: a smooth random colour field plus grain, quality 85.
 
-    Decoding time follows the compressed size, and the flat shapes of ``spar_pl.data.write_sample_images``
+    Decoding time follows the compressed size, and the flat shapes of ``spar_pl.testing.write_sample_images``
     compress about 15x better than photos (0.06 MB against 0.9 MB at 1500x2000), so they would flatter the
     data path.
     """

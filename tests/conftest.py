@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from spar_pl.data import write_sample_images
-from spar_pl.encoders import TINY_MODELS, DenseEncoder, build_encoder
+from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.testing import TINY_MODELS, write_sample_images
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that tiny models have no pretrained weights
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from spar_pl import cache as cache_module
 from spar_pl.cache import TeacherCache
 from spar_pl.cli import cache, main
-from spar_pl.data import write_sample_images
+from spar_pl.testing import write_sample_images
 
 from .helpers import ROOT, TINY, fit_args
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from spar_pl.cli import main, quickstart
-from spar_pl.data import write_sample_images
+from spar_pl.testing import write_sample_images
 
 
 @pytest.mark.slow  # distils, evaluates and renders end to end (about 25 s on 2 CPUs)

@@ -415,7 +415,8 @@ def test_eval_module_rows_and_test_run(files, tmp_path):
     import lightning as L
 
     from spar_pl.evaluate import SegEvalModule
-    from spar_pl.segdata import SegDataModule, write_tiny_benchmarks
+    from spar_pl.segdata import SegDataModule
+    from spar_pl.testing import write_tiny_benchmarks
 
     args = {"backbone": "dinov3txt", "model_name": TINY_NAME, "crop": 64, "classes": "voc20", "results_dir": None}
     pretrained = SegEvalModule(**args, weights=str(files[0]), head_weights=str(files[1]))
@@ -432,8 +433,8 @@ def test_eval_module_rows_and_test_run(files, tmp_path):
 
 
 def test_fit_keeps_the_student_in_eval_mode_and_trains_two_blocks(tmp_path):
-    from spar_pl.data import write_sample_images
     from spar_pl.distill import DistillModule
+    from spar_pl.testing import write_sample_images
 
     write_sample_images(tmp_path / "train", 2, seed=0)
     config = ROOT / "configs" / "distill" / "dinov3txt-tiny.yaml"

@@ -16,13 +16,12 @@ from spar_pl.data import (
     augment,
     augment_params,
     image_rng,
-    write_sample_images,
 )
 from spar_pl.distill import DistillModule
 from spar_pl.encoders import build_encoder
+from spar_pl.testing import write_sample_images
 
 from .helpers import ROOT, fit_args
-
 
 SHIPPED = sorted(p for folder in ("distill", "eval", "backbones") for p in (ROOT / "configs" / folder).glob("*.yaml"))
 

@@ -241,3 +241,21 @@ def test_normalisation_comes_from_open_clip_for_pretrained_weights(monkeypatch):
     assert legacy.mean == legacy.std == encoders.LEGACY_MEAN
     random = encoders.build_encoder("siglip2", "spar-tiny-sl2", pretrained=None)
     assert (random.mean, random.std) == (encoders.SIGLIP_MEAN, encoders.SIGLIP_STD)
+
+
+def test_tiny_models_register_only_when_asked_for():
+    """Importing the library leaves timm's and open_clip's registries alone; building a ``spar-tiny-*`` model
+    registers the tiny models (once)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import spar_pl, spar_pl.api, spar_pl.cli, spar_pl.evaluate, spar_pl.distill, spar_pl.table\n"
+        "import open_clip, timm\n"
+        "print(timm.is_model('spar_tiny_vit_siglip'), 'spar-tiny-sl2' in open_clip.list_models())\n"
+        "from spar_pl.encoders import build_encoder\n"
+        "build_encoder('siglip2', 'spar-tiny-sl2', pretrained=None)\n"
+        "print(timm.is_model('spar_tiny_vit_siglip'), 'spar-tiny-sl2' in open_clip.list_models())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["False False", "True True"]

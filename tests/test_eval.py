@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from spar_pl.evaluate import SegEvalModule
-from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label, write_tiny_benchmarks
+from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label
 from spar_pl.table import render_table, table_runs
+from spar_pl.testing import write_tiny_benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 

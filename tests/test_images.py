@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spar_pl import api, data, images, segdata
+from spar_pl import api, data, images, segdata, testing
 
 
 def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -70,7 +70,7 @@ def test_training_evaluation_and_inference_read_alike(tmp_path):
 
 
 def test_evaluation_images_go_through_the_reader(tmp_path):
-    roots = segdata.write_tiny_benchmarks(tmp_path, images=1)
+    roots = testing.write_tiny_benchmarks(tmp_path, images=1)
     ds = segdata.SegDataset("ade20k", roots["ade20k"])
     image_path, label_path, _ = ds.samples[0]
     # rotate the stored pixels and say so in EXIF: the reader shows the upright image, which matches the label

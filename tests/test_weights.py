@@ -228,7 +228,7 @@ def test_payload_never_runs_at_any_entry_point(tmp_path, released, payload_cls, 
 
 @pytest.mark.slow
 def test_payload_never_runs_through_spar_cli_test(tmp_path, released, capsys):
-    from spar_pl.segdata import write_tiny_benchmarks
+    from spar_pl.testing import write_tiny_benchmarks
 
     roots = write_tiny_benchmarks(tmp_path / "bench", images=1)
     root = Path(__file__).resolve().parents[1] / "configs"

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from spar_pl.encoders import BACKBONES, TINY_MODELS, build_encoder
+from spar_pl.encoders import BACKBONES, build_encoder
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.runner import check_writable, config_path, lightning_cli, packaged_configs
 from spar_pl.sliding import dense_features, window_starts
+from spar_pl.testing import TINY_MODELS
 
 SAMPLE_CLASSES = ("sky", "grass, lawn", "house, building", "sun")
 
@@ -211,7 +212,7 @@ def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:
 def distill_demo(root: Path) -> dict[str, float]:
     """The tiny distillation (``configs/distill/tiny.yaml``) on generated images: held-out student-vs-teacher
     feature MSE before and after ``fit``."""
-    from spar_pl.data import write_sample_images
+    from spar_pl.testing import write_sample_images
 
     config = config_path("distill/tiny.yaml")
     write_sample_images(root / "data" / "train", 12, seed=0)
@@ -265,7 +266,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
 
 def tiny_data(argv: Sequence[str] | None = None) -> None:
     """``spar-cli tiny-data OUT``: generated train/val images for the tiny distillation config."""
-    from spar_pl.data import write_sample_images
+    from spar_pl.testing import write_sample_images
 
     parser = argparse.ArgumentParser(prog="spar-cli tiny-data", description=tiny_data.__doc__)
     parser.add_argument("out", nargs="?", default="data/tiny")

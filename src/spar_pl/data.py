@@ -28,7 +28,6 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
 from spar_pl.images import IMAGE_SUFFIXES, read_rgb8
-from spar_pl.render import save_atomic
 
 
 @dataclass(frozen=True)
@@ -539,25 +538,3 @@ class DistillDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.val_set, batch_size=1, num_workers=workers, collate_fn=_collate_eval)
 
     predict_dataloader = val_dataloader
-
-
-def write_sample_images(out: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (192, 256)) -> list[Path]:
-    """Write ``count`` generated JPEG scenes (random shapes on gradients) of varying sizes to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        h, w = int(size[0] * rng.uniform(0.75, 1.25)), int(size[1] * rng.uniform(0.75, 1.25))
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = rng.uniform(0, 255, 3)[None, None] * (yy[..., None] / h) + rng.uniform(0, 255, 3)[None, None] * (
-            xx[..., None] / w
-        )
-        image = (base / 2).astype(np.uint8)
-        for _ in range(4):
-            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(8, max(9, min(h, w) // 3))
-            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(0, 255, 3)
-        path = out / f"sample_{i:04d}.jpg"
-        save_atomic(Image.fromarray(image), path)
-        paths.append(path)
-    return paths

@@ -28,15 +28,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict
 
 __all__ = [
     "BACKBONES",
-    "TINY_MODELS",
     "DenseEncoder",
     "DinoTxtEncoder",
     "DinoTxtModel",
@@ -45,7 +42,6 @@ __all__ = [
     "build_encoder",
     "load_checkpoint",
     "read_state_dict",
-    "spar_tiny_vit_siglip",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -74,30 +70,6 @@ BACKBONES: dict[str, dict] = {
     "siglip2": {"family": "siglip2", "model_name": "hf-hub:timm/ViT-B-16-SigLIP2-512", "pretrained": None},
     "dinov3txt": {"family": "dinov3txt", "model_name": "dinov3_vitl16_dinotxt_tet1280d20h24l", "pretrained": None},
 }
-
-#: Tiny randomly initialised models for tests, the quickstart and CPU smoke runs.
-# (``sl2``, not ``siglip2``: open_clip picks the Gemma tokenizer, a download, for names containing "siglip").
-TINY_MODELS = {
-    "maskclip": "spar-tiny-clip",
-    "maskclip-legacy": "spar-tiny-clip",
-    "siglip2": "spar-tiny-sl2",
-    "dinov3txt": "spar-tiny-dinotxt",
-}
-
-
-@register_model
-def spar_tiny_vit_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A 2-block, 64-wide SigLIP-style timm ViT at 64 px (MAP pool, no class token) for tests."""
-    args = {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
-    args.update(class_token=False, global_pool="map")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory bookkeeping
-        kwargs.pop(key, None)
-    return VisionTransformer(**{**args, **kwargs})
-
-
-# ``spar-tiny-clip`` (2-block CLIP ViT at 64 px) and ``spar-tiny-sl2`` (the trunk above) build through
-# ``open_clip.create_model`` like the real models, so tests exercise the real construction path.
-open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 
 class DenseEncoder(nn.Module):
@@ -699,6 +671,10 @@ def _build_open_clip(
 ) -> DenseEncoder:
     defaults = BACKBONES[backbone]
     name = model_name or defaults["model_name"]
+    if name.startswith("spar-tiny-"):  # the tiny models register with open_clip and timm when asked for
+        from spar_pl.testing import register_tiny_models
+
+        register_tiny_models()
     if pretrained == "default":
         pretrained = defaults["pretrained"] if name == defaults["model_name"] else None
     if name.startswith("hf-hub:"):

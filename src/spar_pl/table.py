@@ -134,8 +134,7 @@ def table_tiny(results: Path, name: str = "tiny") -> str:
         results: results folder.
         name: the tiny configs to use (``tiny``: SigLIP2-shaped; ``dinov3txt-tiny``: the DINOv3.txt twin).
     """
-    from spar_pl.data import write_sample_images
-    from spar_pl.segdata import write_tiny_benchmarks
+    from spar_pl.testing import write_sample_images, write_tiny_benchmarks
 
     work = results / ("table-tiny" if name == "tiny" else f"table-{name}")
     roots = write_tiny_benchmarks(work / "data", images=2)

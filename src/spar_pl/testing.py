@@ -1,18 +1,77 @@
-"""Reference implementations and helpers for tests and benchmarks.
+"""Tiny models, generated data and reference implementations: for tests, benchmarks and CPU runs.
 
-Not used by the library's own code paths. The references here are written plainly from the method's
-description (``docs/method.md``), independently of the optimised code they check: they import nothing from
-:mod:`spar_pl.sliding`, so a mistake there cannot hide in the reference as well.
+Not used by the library's own code paths.
+
+* Tiny randomly initialised models (:data:`TINY_MODELS`) are registered with timm and open_clip only when asked
+  for (:func:`register_tiny_models`; :func:`spar_pl.encoders.build_encoder` asks when a ``spar-tiny-*`` name is
+  built): importing ``spar_pl`` leaves the global registries alone.
+* Generated data in the real layouts: training images (:func:`write_sample_images`, ``spar-cli tiny-data``) and
+  the six benchmarks (:func:`write_tiny_benchmarks`, ``spar-cli table --tiny``).
+* References written plainly from the method's description (``docs/method.md``), independently of the optimised
+  code they check: they import nothing from :mod:`spar_pl.sliding`, so a mistake there cannot hide in the
+  reference as well.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
+import open_clip
+import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["naive_teacher", "naive_upsample_factor", "naive_window_starts"]
+from spar_pl.render import save_atomic
+
+__all__ = [
+    "TINY_MODELS",
+    "naive_teacher",
+    "naive_upsample_factor",
+    "naive_window_starts",
+    "register_tiny_models",
+    "write_sample_images",
+    "write_tiny_benchmarks",
+]
+
+#: Tiny randomly initialised models for tests, the quickstart and CPU smoke runs.
+# (``sl2``, not ``siglip2``: open_clip picks the Gemma tokenizer, a download, for names containing "siglip").
+TINY_MODELS = {
+    "maskclip": "spar-tiny-clip",
+    "maskclip-legacy": "spar-tiny-clip",
+    "siglip2": "spar-tiny-sl2",
+    "dinov3txt": "spar-tiny-dinotxt",
+}
+
+
+def spar_tiny_vit_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A 2-block, 64-wide SigLIP-style timm ViT at 64 px (MAP pool, no class token) for tests."""
+    args = {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    args.update(class_token=False, global_pool="map")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory bookkeeping
+        kwargs.pop(key, None)
+    return VisionTransformer(**{**args, **kwargs})
+
+
+#: open_clip configs of the tiny models (``spar-tiny-clip``, ``spar-tiny-sl2``) and of the shipped pretrained
+#: ``spar-tiny-p8`` (:mod:`spar_pl.reproduce`)
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def register_tiny_models() -> None:
+    """Register the tiny models with timm (the SigLIP-style trunk) and open_clip (their configs), once.
+
+    ``spar-tiny-clip`` (2-block CLIP ViT at 64 px) and ``spar-tiny-sl2`` (the trunk above) then build through
+    ``open_clip.create_model`` like the real models, so tests exercise the real construction path.
+    """
+    if not timm.is_model("spar_tiny_vit_siglip"):
+        register_model(spar_tiny_vit_siglip)
+    if "spar-tiny-clip" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIGS)
 
 
 def naive_window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -77,3 +136,106 @@ def naive_teacher(
         avg = (canvas / count.clamp(min=1))[None]
         out.append(F.interpolate(avg, size=(height // p, width // p), mode="bilinear", align_corners=False))
     return torch.cat(out)
+
+
+# -- generated data ---------------------------------------------------------------------------------------------
+def write_sample_images(out: str | Path, count: int, seed: int = 0, size: tuple[int, int] = (192, 256)) -> list[Path]:
+    """Write ``count`` generated JPEG scenes (random shapes on gradients) of varying sizes to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        h, w = int(size[0] * rng.uniform(0.75, 1.25)), int(size[1] * rng.uniform(0.75, 1.25))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = rng.uniform(0, 255, 3)[None, None] * (yy[..., None] / h) + rng.uniform(0, 255, 3)[None, None] * (
+            xx[..., None] / w
+        )
+        image = (base / 2).astype(np.uint8)
+        for _ in range(4):
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(8, max(9, min(h, w) // 3))
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(0, 255, 3)
+        path = out / f"sample_{i:04d}.jpg"
+        save_atomic(Image.fromarray(image), path)
+        paths.append(path)
+    return paths
+
+
+VOC_PALETTE = np.array(
+    [
+        [(i >> 0 & 1) * 128 + (i >> 3 & 1) * 64, (i >> 1 & 1) * 128 + (i >> 4 & 1) * 64, (i >> 2 & 1) * 128]
+        for i in range(256)
+    ],
+    dtype=np.uint8,
+)
+
+
+def write_tiny_benchmarks(root: str | Path, images: int = 3, seed: int = 0) -> dict[str, Path]:
+    """Write tiny versions of the six benchmarks in their official layouts (roots returned per benchmark).
+
+    Images are small generated scenes; labels are blocks of valid classes with an ignored (255) border,
+    palette PNGs for VOC and Context, grayscale PNGs for Cityscapes train ids and ADE20K.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+
+    def scene(h: int, w: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        label = np.zeros((h, w), np.uint8)
+        image = np.zeros((h, w, 3), np.uint8)
+        for _ in range(4):
+            y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            cls = int(rng.integers(0, classes))
+            label[y0 : y0 + h // 2, x0 : x0 + w // 2] = cls
+            image[y0 : y0 + h // 2, x0 : x0 + w // 2] = rng.integers(0, 255, 3)
+        label[:2] = 255
+        return image, label
+
+    def put(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path, palette: bool) -> None:
+        save_atomic(Image.fromarray(image), image_path)
+        lab = Image.fromarray(label)
+        if palette:
+            lab = Image.frombytes("P", lab.size, lab.tobytes())
+            lab.putpalette(VOC_PALETTE.flatten().tolist())
+        save_atomic(lab, label_path)
+
+    roots = {}
+    for year, label_dir, sets, classes in (
+        ("VOC2012", "SegmentationClass", "Segmentation", 21),
+        ("VOC2010", "SegmentationClassContext", "SegmentationContext", 60),
+    ):
+        base = root / "VOCdevkit" / year
+        ids = [f"2008_{k:06d}" for k in range(images)]
+        for i in ids:
+            image, label = scene(75, 100, classes)
+            put(image, label, base / "JPEGImages" / f"{i}.jpg", base / label_dir / f"{i}.png", palette=True)
+        (base / "ImageSets" / sets).mkdir(parents=True, exist_ok=True)
+        (base / "ImageSets" / sets / "val.txt").write_text("\n".join(ids) + "\n")
+        for name in ("voc21", "voc20") if year == "VOC2012" else ("context60", "context59"):
+            roots[name] = base
+    base = root / "cityscapes"
+    for k in range(images):
+        city = ("frankfurt", "lindau")[k % 2]
+        stem = f"{city}_000000_{k:06d}"
+        image, label = scene(64, 128, 19)
+        put(
+            image,
+            label,
+            base / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png",
+            base / "gtFine" / "val" / city / f"{stem}_gtFine_labelTrainIds.png",
+            palette=False,
+        )
+    roots["cityscapes"] = base
+    base = root / "ade" / "ADEChallengeData2016"
+    for k in range(images):
+        image, label = scene(80, 96, 151)
+        label[label == 255] = 0  # ADE20K marks "other" with 0, which reduce_zero_label ignores
+        stem = f"ADE_val_{k:08d}"
+        put(
+            image,
+            label,
+            base / "images" / "validation" / f"{stem}.jpg",
+            base / "annotations" / "validation" / f"{stem}.png",
+            palette=False,
+        )
+    roots["ade20k"] = base
+    return roots
