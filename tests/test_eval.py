@@ -231,7 +231,8 @@ def test_predict_returns_masks_at_label_size(bench):
 )
 def test_shipped_configs_give_the_published_protocol(backbone, dataset, expected):
     """``spar-cli test --config configs/eval/voc21-maskclip.yaml --config configs/backbones/maskclip.yaml`` (tiny
-    weights): MaskCLIP's VOC21 protocol (prob_thd 0.1, area_thd 0.1, SPAR.md section 4) comes from the eval config."""
+    weights): MaskCLIP's VOC21 protocol (prob_thd 0.1, area_thd 0.1, docs/method.md section 4) comes from the eval
+    config."""
     from spar_pl.cli import lightning_cli
 
     tiny = "spar-tiny-clip" if backbone.startswith("maskclip") else "spar-tiny-sl2"

@@ -424,7 +424,7 @@ class SPAR:
         probs_file: str | Path | None = None,
         window_batch: int = 16,
     ) -> Segmentation:
-        """Open-vocabulary segmentation of one image (``SPAR.md`` section 4), at the image's original size.
+        """Open-vocabulary segmentation of one image (``docs/method.md`` section 4), at the image's original size.
 
         Memory is bounded whatever the number of classes and the image size: the mask rule runs over chunks of
         classes (:meth:`~spar_pl.openvocab.OpenVocabHead.predict`), never a full ``K x H x W`` float32 tensor.

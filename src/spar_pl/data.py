@@ -4,7 +4,7 @@ Images stream through Hugging Face ``datasets`` (streaming mode) from a local im
 webdataset shards, or a hub dataset id; they are split across DDP ranks with ``split_dataset_by_node``
 and across loader workers the same way, shuffled with a buffer whose seed changes every epoch, decoded
 here (so a corrupt file is skipped with a warning naming it, never stopping training), and augmented
-with albumentations following ``SPAR.md`` section 3.
+with albumentations following ``docs/method.md`` section 3.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from spar_pl.images import IMAGE_SUFFIXES, read_rgb8
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The SPAR augmentation (``SPAR.md`` section 3); the defaults are the paper's.
+    """The SPAR augmentation (``docs/method.md`` section 3); the defaults are the paper's.
 
     Args:
         box: random resize into this (long, short) box, keeping the aspect ratio.

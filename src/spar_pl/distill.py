@@ -1,6 +1,6 @@
 """SPAR distillation: a frozen sliding-window teacher, a trainable single-pass student, MSE on features.
 
-``SPAR.md`` section 3. The teacher is a frozen copy of the student's initial backbone wrapped in a
+``docs/method.md`` section 3. The teacher is a frozen copy of the student's initial backbone wrapped in a
 :class:`~spar_pl.sliding.SlidingWindowTeacher`: a registered child (model summaries, device moves and wrapping
 policies see it) in eval mode without gradients, kept out of checkpoints by :meth:`DistillModule.on_save_checkpoint`.
 """

@@ -2,7 +2,7 @@
 
 Every encoder maps a normalised image batch ``(B, 3, H, W)`` of any size to dense features
 ``(B, C, h, w)`` in the text-embedding space, one vector per patch, with the exact semantics of
-the SPAR reference implementation (``SPAR.md`` section 1):
+the SPAR reference implementation (``docs/method.md`` section 1):
 
 * :class:`MaskCLIPEncoder` wraps an open_clip ``VisionTransformer`` CLIP. Positional embeddings are
   resized with ``scale_factor=((h + 0.1) / g, (w + 0.1) / g)`` bicubic interpolation and the last
@@ -54,7 +54,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LEGACY_MEAN = (0.5, 0.5, 0.5)
 LEGACY_STD = (0.5, 0.5, 0.5)
 
-#: Per backbone: encoder family, default open_clip model name and pretrained tag, normalisation (``SPAR.md``
+#: Per backbone: encoder family, default open_clip model name and pretrained tag, normalisation (``docs/method.md``
 #: section 1). ``maskclip-legacy`` is MaskCLIP with the reference segmentor's default normalisation (mean = std =
 #: 0.5), which the authors' "SPAR MaskCLIP (Legacy)" weights, the paper's MaskCLIP numbers, were trained with;
 #: the newer "SPAR MaskCLIP" release uses CLIP's statistics (``maskclip``).
@@ -83,7 +83,7 @@ class DenseEncoder(nn.Module):
         tokenizer: the model's tokenizer, needed only to encode text; ``None`` uses open_clip's CLIP BPE
             tokenizer when the text tower has the CLIP vocabulary, else leaves none (dense features need
             none; :meth:`encode_text` then says what to pass).
-        mean: per-channel normalisation mean; ``None`` takes the family's (``SPAR.md`` section 1).
+        mean: per-channel normalisation mean; ``None`` takes the family's (``docs/method.md`` section 1).
             :func:`build_encoder` passes open_clip's preprocessing statistics of a pretrained model.
         std: per-channel normalisation std, likewise.
     """
@@ -626,7 +626,7 @@ def build_encoder(
         backbone: a :data:`BACKBONES` key: ``maskclip``, ``maskclip-legacy`` (mean = std = 0.5, for the
             authors' legacy MaskCLIP weights), ``siglip2`` or ``dinov3txt``.
         model_name: open_clip model name or ``hf-hub:org/repo`` id; defaults to the backbone's model
-            (``SPAR.md`` section 1). ``spar-tiny-clip`` / ``spar-tiny-sl2`` / ``spar-tiny-dinotxt`` build tiny
+            (``docs/method.md`` section 1). ``spar-tiny-clip`` / ``spar-tiny-sl2`` / ``spar-tiny-dinotxt`` build tiny
             random models.
         pretrained: open_clip pretrained tag; ``"default"`` takes the backbone's tag for its default
             model, ``None`` leaves the weights random. Ignored for ``hf-hub:`` ids. For ``dinov3txt`` only

@@ -1,7 +1,7 @@
 """Open-vocabulary evaluation: features -> text similarity -> mask -> mIoU, and the results files.
 
 :class:`SegEvalModule` evaluates an encoder (pretrained, a SPAR checkpoint or an exported student) in
-single-pass or sliding-window mode on one benchmark (``SPAR.md`` section 4): predictions at the original
+single-pass or sliding-window mode on one benchmark (``docs/method.md`` section 4): predictions at the original
 label resolution, dataset-level mIoU from torchmetrics' ``MulticlassJaccardIndex`` (macro, ignore index
 255, classes absent from both prediction and label excluded), synchronised across DDP ranks. Every run
 appends its numbers to ``results/<name>.json`` (:class:`~spar_pl.callbacks.ResultsFile`);

@@ -1,6 +1,6 @@
 """Open-vocabulary segmentation head: class names with synonyms, text embeddings and the mask rule.
 
-``SPAR.md`` section 4: each synonym's embedding is the L2-normalised mean over the 80 OpenAI
+``docs/method.md`` section 4: each synonym's embedding is the L2-normalised mean over the 80 OpenAI
 ImageNet templates of L2-normalised text features (open_clip's zero-shot classifier builder);
 dense features are L2-normalised per location, compared with every synonym, upsampled bilinearly
 to the original image size, scaled by ``logit_scale`` and softmaxed over synonyms; a class scores

@@ -1,6 +1,6 @@
 """Benchmark readers for open-vocabulary evaluation, in the datasets' official folder layouts.
 
-``SPAR.md`` section 4: VOC21 / VOC20 (VOC2012), Context60 / Context59 (VOC2010 with the Context labels),
+``docs/method.md`` section 4: VOC21 / VOC20 (VOC2012), Context60 / Context59 (VOC2010 with the Context labels),
 Cityscapes (``labelTrainIds``) and ADE20K. Images are resized for the model with the test rule (keep the
 ratio, long side <= 2048 and short side <= 672, Cityscapes 2048 / 1024; upscaling happens), labels stay at
 their original resolution, where predictions are made. ``reduce_zero_label`` maps 0 to 255 (ignored) and

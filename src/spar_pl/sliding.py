@@ -1,6 +1,6 @@
 """The sliding-window teacher: fine-stride crops through an encoder, folded back by plain averaging.
 
-``SPAR.md`` section 2, exactly: window starts ``range(0, L - c + 1, s)`` plus one window flush with
+``docs/method.md`` section 2, exactly: window starts ``range(0, L - c + 1, s)`` plus one window flush with
 the far edge; each window's ``(C, c/p, c/p)`` features bilinearly upsampled to ``(c/f, c/f)``
 (``f = p // u``, :func:`upsample_factor`); summed into a ``(C, H//f, W//f)`` canvas with a count map;
 the average bilinearly resized to the patch grid ``(H//p, W//p)``.
@@ -9,7 +9,7 @@ An image smaller than the crop along an axis gets one window spanning that whole
 reference crashes there): a small image is then encoded in a single pass.
 
 :class:`SlidingWindowLogits` is the sliding window of the authors' *evaluation* with class names: it slides
-at the level of logits, not features (``SPAR.md`` section 4 baseline). Each window's L2-normalised features
+at the level of logits, not features (``docs/method.md`` section 4 baseline). Each window's L2-normalised features
 are compared with every synonym's text embedding, the window's logits are resized bilinearly to the window's
 pixel size and summed into a full-resolution canvas with a count map (no sub-patch reduction); the average is
 then resized to the original image size. The released code passes no size to the per-window resize (a crash);

@@ -13,7 +13,7 @@ from pathlib import Path
 from spar_pl.fileio import write_text
 from spar_pl.runner import config_path, run_lightning
 
-#: Column order of the paper's tables (``SPAR.md`` section 5) and their headers.
+#: Column order of the paper's tables (``docs/method.md`` section 5) and their headers.
 TABLE_COLUMNS = {
     "voc21": "VOC21",
     "voc20": "VOC20",
@@ -24,7 +24,7 @@ TABLE_COLUMNS = {
 }
 ROWS = ("pretrained, single pass", "pretrained, sliding window s=24", "SPAR")
 #: Benchmarks whose published protocol differs for a backbone config: ``eval/<name>.yaml`` replaces
-#: ``eval/<dataset>.yaml`` (``SPAR.md`` section 4: MaskCLIP on VOC21 uses prob_thd 0.1 and area_thd 0.1).
+#: ``eval/<dataset>.yaml`` (``docs/method.md`` section 4: MaskCLIP on VOC21 uses prob_thd 0.1 and area_thd 0.1).
 EVAL_CONFIGS = {
     "maskclip": {"voc21": "voc21-maskclip"},
     "maskclip-legacy": {"voc21": "voc21-maskclip"},
