@@ -21,6 +21,7 @@ MANIFEST = {
     "seed": 0,
     "augmentation": "a",
     "precision": "32-true",
+    "reader": "r",
 }
 
 
@@ -37,6 +38,8 @@ def test_round_trip_float16_and_checks(tmp_path):
     assert store.load("dir/img 1.jpg", "c2") is None and not store.is_valid("dir/img 1.jpg", "c2")  # new content
     other = TeacherCache(tmp_path, {**MANIFEST, "stride": 32})
     assert other.load("dir/img 1.jpg", "c1") is None and other.rejected == 1  # written under another config
+    decoded_otherwise = TeacherCache(tmp_path, {**MANIFEST, "reader": "r2"})  # other image decoding rules
+    assert not decoded_otherwise.is_valid("dir/img 1.jpg", "c1", (3, 5))
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # flip bits in the tensor bytes: the header check passes, the read checks the checksum
     path.write_bytes(bytes(data))

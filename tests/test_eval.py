@@ -285,3 +285,28 @@ def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(ben
     run_test(module, SegDataModule("voc20", str(bench["voc20"])))
     entries = json.loads((tmp_path / "t.json").read_text())
     assert len(entries) == 1 and entries[0] == module.results and entries[0]["images"] == 3
+
+
+@pytest.mark.parametrize("classes", ["voc21", "context60"])
+def test_the_evaluation_head_embeds_the_benchmark_names(classes):
+    """The head ``SegEvalModule`` builds holds, synonym for synonym, the embeddings of the class file's names
+    (once it embedded the printed Python lists, "['sky'", and every mIoU moved)."""
+    from spar_pl.openvocab import parse_classes, text_embeddings
+
+    module = tiny_eval(classes=classes)
+    names = [name for synonyms in parse_classes(classes) for name in synonyms]
+    head = module.build_head()
+    assert head.synonyms == names and head.classes == parse_classes(classes)
+    torch.testing.assert_close(head.text, text_embeddings(module.encoder, names), rtol=0, atol=0)
+
+
+def test_a_config_with_the_removed_protocol_overrides_says_where_it_went(capsys):
+    from spar_pl.cli import main
+
+    argv = ["test", "--config", str(ROOT / "configs" / "eval" / "voc21.yaml"), "--config"]
+    argv += [str(ROOT / "configs" / "backbones" / "tiny.yaml"), "--model.init_args.protocol_overrides"]
+    argv += ['{"voc21": {"prob_thd": 0.1}}']
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and len(err) == 1 and "eval/voc21-maskclip.yaml" in err[0]

@@ -107,3 +107,12 @@ def test_head_on_real_encoder_features(encoder):
 
 def test_synonyms_split_on_comma_space_as_the_reference():
     assert parse_classes(["wood ", "person, rider"]) == [["wood "], ["person", "rider"]]
+
+
+def test_parsed_classes_parse_to_themselves_and_other_entries_are_refused():
+    parsed = parse_classes(["sky, wall", "cat", "wood "])
+    assert parse_classes(parsed) == parsed == [["sky", "wall"], ["cat"], ["wood "]]
+    with pytest.raises(TypeError, match="class 1 is 3"):
+        parse_classes(["cat", 3])
+    with pytest.raises(ValueError, match="class 0 has no name"):
+        parse_classes([[], "cat"])

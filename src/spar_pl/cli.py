@@ -558,6 +558,7 @@ _NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning
     r"LightningCLI's args parameter is intended to run from within Python",  # quickstart/table run it in-process
     r"Your `IterableDataset` has `__len__` defined",  # StreamingImages' length is exact per rank and worker
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen teacher, in eval mode on purpose
 )
 
 

@@ -14,9 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
-from spar_pl.callbacks import DataEpoch, SkippedImages
+from spar_pl.callbacks import CacheWriter, DataEpoch, LastCheckpoint, SkippedImages
 from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.images import READER_VERSION
 from spar_pl.sliding import SlidingWindowTeacher
+
+# LastCheckpoint and CacheWriter live in spar_pl.callbacks; named here too, their old home, which the config.yaml
+# files saved next to earlier runs name (spar_pl.distill.LastCheckpoint)
+__all__ = ["CacheWriter", "DistillModule", "LastCheckpoint", "TeacherCacheTask"]
 
 
 class DistillModule(L.LightningModule):
@@ -117,6 +122,7 @@ class DistillModule(L.LightningModule):
             "seed": data.seed,
             "augmentation": repr(datamodule.augmentation),
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
+            "reader": READER_VERSION,  # how the images were decoded
         }
         return TeacherCache(hp.teacher_cache, manifest, owner)
 

@@ -340,7 +340,10 @@ class SigLIP2Encoder(DenseEncoder):
     def positional_embedding(self, h: int, w: int) -> torch.Tensor:
         """Positional embedding ``(1, h * w, D)``, bicubic-resized to ``size=(h, w)`` without antialiasing (the
         reference's rule; timm's ``resample_abs_pos_embed`` computes it, and returns the grid as it is at its own
-        size, where the bicubic resize is the identity)."""
+        size, where the bicubic resize is the identity). Bit-equal to the reference for float32 weights, which
+        every mixed-precision run keeps; half-precision weights (``16-true``, ``bf16-true``) are resized in float32
+        and rounded once, where the reference resizes in half precision (differences up to one half-precision
+        step)."""
         pos = self.model.visual.trunk.pos_embed
         return resample_abs_pos_embed(pos, [h, w], num_prefix_tokens=0, interpolation="bicubic", antialias=False)
 

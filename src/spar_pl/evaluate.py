@@ -51,6 +51,7 @@ class SegEvalModule(L.LightningModule):
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
+        protocol_overrides: removed (it raises): per-benchmark protocols are eval configs now.
     """
 
     def __init__(
@@ -71,8 +72,14 @@ class SegEvalModule(L.LightningModule):
         area_thd: float | None = None,
         results_dir: str | None = "results",
         results_name: str | None = None,
+        protocol_overrides: dict | None = None,
     ) -> None:
         super().__init__()
+        if protocol_overrides is not None:  # an argument of earlier versions: say where its setting went
+            raise ValueError(
+                "protocol_overrides was removed: MaskCLIP's VOC21 protocol is the eval config "
+                "configs/eval/voc21-maskclip.yaml (use it instead of configs/eval/voc21.yaml; spar-cli table does)"
+            )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if stride < 1:

@@ -32,6 +32,9 @@ from PIL import Image, ImageOps
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
+#: Version of the decoding rules above; anything that stores what was computed from decoded pixels (the teacher
+#: cache) records it, so that a change of the rules makes such stores stale instead of silently reused.
+READER_VERSION = "spar_pl.images/1"
 #: Largest model-input side and pixel count accepted in one pass (after ``max_side``).
 MAX_SIDE = 16384
 MAX_PIXELS = 100_000_000

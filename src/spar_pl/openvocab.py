@@ -46,11 +46,13 @@ def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
     """Classes as lists of synonyms.
 
     Args:
-        classes: a sequence of class entries, each a name or ``"name, synonym, ..."``; or a path to a
-            class file with one such entry per line; or a benchmark name (``voc21`` ...).
+        classes: a sequence of class entries, each a name or ``"name, synonym, ..."``, or already a list of
+            synonyms (what this function returns parses to itself); or a path to a class file with one such entry
+            per line; or a benchmark name (``voc21`` ...).
 
     Raises:
         ValueError: the list is empty, an entry is empty, or a class name repeats.
+        TypeError: an entry that is neither a string nor a list of strings.
         FileNotFoundError: a class file path does not exist.
     """
     source = "class list"
@@ -63,7 +65,16 @@ def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
         while classes and not classes[-1].strip():
             classes.pop()
     # The reference splits on ", " and keeps each name as written (a trailing space reaches the prompt too).
-    parsed = [str(entry).rstrip("\r\n").split(", ") for entry in classes]
+    parsed = []
+    for k, entry in enumerate(classes):
+        if isinstance(entry, str):
+            parsed.append(entry.rstrip("\r\n").split(", "))
+        elif isinstance(entry, (list, tuple)) and all(isinstance(name, str) for name in entry):
+            if not entry:
+                raise ValueError(f"{source}: class {k} has no name")
+            parsed.append(list(entry))  # already split into synonyms
+        else:
+            raise TypeError(f"{source}: class {k} is {entry!r}; expected a name, 'name, synonym' or a list of names")
     if not parsed:
         raise ValueError(f"{source}: no classes")
     seen: dict[str, tuple[int, str]] = {}  # names that differ only in case or surrounding spaces are one name
@@ -166,7 +177,7 @@ class OpenVocabHead(nn.Module):
         once, on ``device`` (default: the encoder's); ``kwargs``: ``logit_scale``, ``prob_thd``, ``area_thd``."""
         parsed = parse_classes(classes)
         text = text_embeddings(encoder, [name for names in parsed for name in names], templates, device)
-        return cls(text, [", ".join(names) for names in parsed], **kwargs)
+        return cls(text, parsed, **kwargs)
 
     @property
     def num_classes(self) -> int:
