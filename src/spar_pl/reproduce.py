@@ -43,8 +43,17 @@ from spar_pl.sliding import SlidingWindowTeacher
 TINY_MODEL = "spar-tiny-p8"
 NATIVE = 64
 HIGH_RES = 256
-#: The recipe of the shipped weights (``spar-cli pretrain-tiny`` re-creates them).
-PRETRAIN_DEFAULTS = {"seed": 0, "steps": 3000, "batch_size": 32}
+#: The recipe of the shipped weights (``spar-cli pretrain-tiny`` re-creates them): :func:`pretrain`'s defaults.
+PRETRAIN_DEFAULTS = {
+    "seed": 0,
+    "steps": 4000,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "logit_scale": 20.0,
+    "background_weight": 0.5,
+}
+_MODULE_HPARAMS = ("lr", "weight_decay", "logit_scale", "background_weight")
 
 
 def shipped_weights() -> Path:
@@ -212,9 +221,9 @@ def _trainer(max_steps: int, root: str | Path | None, progress: bool, callbacks=
 
 def pretrain(
     out: str | Path,
-    seed: int = 0,
-    steps: int = 3000,
-    batch_size: int = 32,
+    seed: int = PRETRAIN_DEFAULTS["seed"],
+    steps: int = PRETRAIN_DEFAULTS["steps"],
+    batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
     progress: bool = True,
     **hparams,
 ) -> DenseEncoder:
@@ -226,11 +235,12 @@ def pretrain(
         steps: optimiser steps.
         batch_size: scenes per step.
         progress: print the loss every 5% of the steps.
-        **hparams: :class:`PretrainModule` arguments.
+        **hparams: :class:`PretrainModule` arguments (default: those of :data:`PRETRAIN_DEFAULTS`).
 
     Returns:
         the encoder with the written (float16-rounded) weights loaded, in eval mode.
     """
+    hparams = {**{k: PRETRAIN_DEFAULTS[k] for k in _MODULE_HPARAMS}, **hparams}
     L.seed_everything(seed, verbose=False)
     with quiet_lightning():
         module = PretrainModule(max_steps=steps, **hparams)
@@ -239,7 +249,9 @@ def pretrain(
     with quiet_lightning():
         _trainer(steps, None, False, [PrintLoss(max(steps // 20, 1), steps)] if progress else []).fit(module, loader)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.encoder.model.state_dict().items()}
-    meta = {"format": "open_clip", "model": TINY_MODEL, "seed": str(seed), "steps": str(steps)}
+    recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, **hparams}
+    meta = {"format": "open_clip", "model": TINY_MODEL, "classes": ",".join(module.hparams.classes)}
+    meta.update({k: str(v) for k, v in recipe.items()})
     save_safetensors(state, out, meta)
     return load_tiny(out)
 
