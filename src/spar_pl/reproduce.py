@@ -365,6 +365,30 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+#: Issue 13's preconditions: native held-out mIoU at least this (percent) ...
+NATIVE_MIN = 60.0
+#: ... and "clearly" below / above: by at least this many mIoU points (means over seeds).
+CLEAR_MARGIN = 5.0
+
+
+def preconditions(runs: dict[int, dict[str, float]]) -> list[tuple[str, bool]]:
+    """Issue 13's preconditions on the means over seeds: (description with the numbers, whether it holds)."""
+    mean = {k: statistics.fmean(r[k] for r in runs.values()) for k in ("native", "single", "sliding")}
+    return [
+        (f"native {NATIVE}px mIoU >= {NATIVE_MIN:g}: {mean['native']:.1f}", mean["native"] >= NATIVE_MIN),
+        (
+            f"single pass at {HIGH_RES}px clearly below native (>= {CLEAR_MARGIN:g} points): "
+            f"{mean['single']:.1f} vs {mean['native']:.1f}",
+            mean["single"] <= mean["native"] - CLEAR_MARGIN,
+        ),
+        (
+            f"sliding window clearly above the single pass (>= {CLEAR_MARGIN:g} points): "
+            f"{mean['sliding']:.1f} vs {mean['single']:.1f}",
+            mean["sliding"] >= mean["single"] + CLEAR_MARGIN,
+        ),
+    ]
+
+
 METHODS = (
     ("single", f"single pass at {HIGH_RES}px"),
     ("sliding", "sliding window (crop 64, stride 24)"),
@@ -395,6 +419,8 @@ def render_markdown(runs: dict[int, dict[str, float]], settings: str, elapsed: f
             f"{r['distill_s']:.0f} |"
         )
     ok = all(runs[k]["single"] < runs[k]["sliding"] and runs[k]["single"] < runs[k]["spar"] for k in seeds)
+    lines += ["", "Preconditions (means over seeds):", ""]
+    lines += [f"- {text}: {'met' if held else 'NOT MET'}" for text, held in preconditions(runs)]
     lines += [
         "",
         f"Ordering single < sliding and single < SPAR on every seed: {'yes' if ok else 'NO'}. "
