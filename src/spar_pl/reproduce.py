@@ -57,7 +57,7 @@ _MODULE_HPARAMS = ("lr", "weight_decay", "logit_scale", "background_weight")
 
 
 def shipped_weights() -> Path:
-    """The pretrained tiny model shipped with the package (``scripts/pretrain_tiny.py`` re-creates it)."""
+    """The pretrained tiny model shipped with the package (``spar-cli pretrain-tiny`` re-creates it)."""
     return Path(str(resources.files("spar_pl") / "pretrained" / f"{TINY_MODEL}-shapes.safetensors"))
 
 
