@@ -54,10 +54,10 @@ table-tiny: install ## The same on tiny generated benchmarks with a tiny model a
 table-tiny-dinotxt: install ## The same with the DINOv3.txt tiny twin (CPU) -> results/dinov3txt-tiny.md
 	$(VENV)/bin/spar-cli table --backbone dinov3txt --tiny
 
-reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window vs SPAR, 3 seeds (shipped tiny model) -> results/reproduce-tiny.md, .png
+reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window vs SPAR, 3 seeds (shipped tiny model; about 3 min) -> results/reproduce-tiny.md, .png
 	$(VENV)/bin/spar-cli reproduce-tiny --out results
 
-pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/pretrained/; about 9 min on 2 free CPUs)
+pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/pretrained/; 11 min on 1 thread of a shared CPU)
 	$(VENV)/bin/spar-cli pretrain-tiny
 
 clean: ## Remove the virtual environment and build leftovers

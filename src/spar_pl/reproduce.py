@@ -43,12 +43,21 @@ from spar_pl.sliding import SlidingWindowTeacher
 TINY_MODEL = "spar-tiny-p8"
 NATIVE = 64
 HIGH_RES = 256
-#: The recipe of the shipped weights (``spar-cli pretrain-tiny`` re-creates them).
-PRETRAIN_DEFAULTS = {"seed": 0, "steps": 3000, "batch_size": 32}
+#: The recipe of the shipped weights (``spar-cli pretrain-tiny`` re-creates them): :func:`pretrain`'s defaults.
+PRETRAIN_DEFAULTS = {
+    "seed": 0,
+    "steps": 4000,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "logit_scale": 20.0,
+    "background_weight": 0.5,
+}
+_MODULE_HPARAMS = ("lr", "weight_decay", "logit_scale", "background_weight")
 
 
 def shipped_weights() -> Path:
-    """The pretrained tiny model shipped with the package (``scripts/pretrain_tiny.py`` re-creates it)."""
+    """The pretrained tiny model shipped with the package (``spar-cli pretrain-tiny`` re-creates it)."""
     return Path(str(resources.files("spar_pl") / "pretrained" / f"{TINY_MODEL}-shapes.safetensors"))
 
 
@@ -212,9 +221,9 @@ def _trainer(max_steps: int, root: str | Path | None, progress: bool, callbacks=
 
 def pretrain(
     out: str | Path,
-    seed: int = 0,
-    steps: int = 3000,
-    batch_size: int = 32,
+    seed: int = PRETRAIN_DEFAULTS["seed"],
+    steps: int = PRETRAIN_DEFAULTS["steps"],
+    batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
     progress: bool = True,
     **hparams,
 ) -> DenseEncoder:
@@ -226,11 +235,12 @@ def pretrain(
         steps: optimiser steps.
         batch_size: scenes per step.
         progress: print the loss every 5% of the steps.
-        **hparams: :class:`PretrainModule` arguments.
+        **hparams: :class:`PretrainModule` arguments (default: those of :data:`PRETRAIN_DEFAULTS`).
 
     Returns:
         the encoder with the written (float16-rounded) weights loaded, in eval mode.
     """
+    hparams = {**{k: PRETRAIN_DEFAULTS[k] for k in _MODULE_HPARAMS}, **hparams}
     L.seed_everything(seed, verbose=False)
     with quiet_lightning():
         module = PretrainModule(max_steps=steps, **hparams)
@@ -239,7 +249,9 @@ def pretrain(
     with quiet_lightning():
         _trainer(steps, None, False, [PrintLoss(max(steps // 20, 1), steps)] if progress else []).fit(module, loader)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.encoder.model.state_dict().items()}
-    meta = {"format": "open_clip", "model": TINY_MODEL, "seed": str(seed), "steps": str(steps)}
+    recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, **hparams}
+    meta = {"format": "open_clip", "model": TINY_MODEL, "classes": ",".join(module.hparams.classes)}
+    meta.update({k: str(v) for k, v in recipe.items()})
     save_safetensors(state, out, meta)
     return load_tiny(out)
 
@@ -359,6 +371,30 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+#: Issue 13's preconditions: native held-out mIoU at least this (percent) ...
+NATIVE_MIN = 60.0
+#: ... and "clearly" below / above: by at least this many mIoU points (means over seeds).
+CLEAR_MARGIN = 5.0
+
+
+def preconditions(runs: dict[int, dict[str, float]]) -> list[tuple[str, bool]]:
+    """Issue 13's preconditions on the means over seeds: (description with the numbers, whether it holds)."""
+    mean = {k: statistics.fmean(r[k] for r in runs.values()) for k in ("native", "single", "sliding")}
+    return [
+        (f"native {NATIVE}px mIoU >= {NATIVE_MIN:g}: {mean['native']:.1f}", mean["native"] >= NATIVE_MIN),
+        (
+            f"single pass at {HIGH_RES}px clearly below native (>= {CLEAR_MARGIN:g} points): "
+            f"{mean['single']:.1f} vs {mean['native']:.1f}",
+            mean["single"] <= mean["native"] - CLEAR_MARGIN,
+        ),
+        (
+            f"sliding window clearly above the single pass (>= {CLEAR_MARGIN:g} points): "
+            f"{mean['sliding']:.1f} vs {mean['single']:.1f}",
+            mean["sliding"] >= mean["single"] + CLEAR_MARGIN,
+        ),
+    ]
+
+
 METHODS = (
     ("single", f"single pass at {HIGH_RES}px"),
     ("sliding", "sliding window (crop 64, stride 24)"),
@@ -389,6 +425,8 @@ def render_markdown(runs: dict[int, dict[str, float]], settings: str, elapsed: f
             f"{r['distill_s']:.0f} |"
         )
     ok = all(runs[k]["single"] < runs[k]["sliding"] and runs[k]["single"] < runs[k]["spar"] for k in seeds)
+    lines += ["", "Preconditions (means over seeds):", ""]
+    lines += [f"- {text}: {'met' if held else 'NOT MET'}" for text, held in preconditions(runs)]
     lines += [
         "",
         f"Ordering single < sliding and single < SPAR on every seed: {'yes' if ok else 'NO'}. "
