@@ -552,7 +552,14 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 # Known noise: advertisements, facts a user did not ask about, warnings about internals that do not apply here.
-_NOISE_LOGS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "No pretrained weights loaded")
+_NOISE_LOGS = (
+    "💡 Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "No pretrained weights loaded",
+    "Failed to read schema from",  # datasets on a damaged parquet shard: the run's own error line names it
+)
 _NOISE_WARNINGS = (
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # the CSV logger is what this project uses
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning
@@ -596,7 +603,19 @@ def configure_console() -> None:
         root.addHandler(handler)
     if _not_noise not in root.filters:
         root.addFilter(_not_noise)
+    for handler in root.handlers:  # records propagated from library loggers pass handler filters, not the root's
+        if getattr(handler, "spar_console", False) and _not_noise not in handler.filters:
+            handler.addFilter(_not_noise)
+    import datasets  # noqa: F401  (its handler exists once it is imported)
     import lightning.pytorch  # noqa: F401  (its handlers exist once it is imported)
+
+    # datasets prints through a handler of its own, bound to the stderr of its first import: its records go through
+    # the console handler instead, once
+    library = logging.getLogger("datasets")
+    for handler in list(library.handlers):
+        if type(handler) is logging.StreamHandler:
+            library.removeHandler(handler)
+    library.propagate = True
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         for handler in logging.getLogger(name).handlers:
