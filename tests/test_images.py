@@ -36,6 +36,8 @@ def sources() -> dict[str, bytes]:
         "alpha.png": encoded(rgba, "PNG"),
         "deep.png": encoded(deep, "PNG"),
         "gray.png": encoded(gray, "PNG"),
+        "palette.png": encoded(Image.new("RGB", (5, 4), (10, 200, 30)).convert("P"), "PNG"),
+        "cmyk.jpg": encoded(Image.new("CMYK", (6, 3), (20, 40, 60, 0)), "JPEG"),
     }
 
 

@@ -173,8 +173,9 @@ def decode(record, column: str) -> tuple[str, np.ndarray, str]:
     """(image id, RGB uint8 array, content hash) of a record.
 
     The content hash is a SHA-256 prefix of the source bytes (the encoded file), so anything keyed on it (the
-    teacher cache) notices an image replaced under the same name. Raises ``OSError``/``ValueError`` if the image
-    cannot be used, a decompression bomb (over PIL's ``MAX_IMAGE_PIXELS``) included.
+    teacher cache) notices an image replaced under the same name. Decoding is :func:`~spar_pl.images.read_rgb8`'s (the
+    one image reader). Raises ``OSError``/``ValueError`` if the image cannot be used, one over the reader's size
+    limit (:data:`~spar_pl.images.MAX_PIXELS`) included.
     """
     value = record[column]
     path = value.get("path") if isinstance(value, dict) else None
@@ -186,7 +187,7 @@ def decode(record, column: str) -> tuple[str, np.ndarray, str]:
     else:
         content = hashlib.sha256(data).hexdigest()[:32]
     name = record.get("__key__") or (Path(path).name if path else content[:16])
-    array = read_rgb8(data, name=str(name))  # the one image reader: EXIF, transparency, 16-bit, grayscale
+    array = read_rgb8(data, name=str(name))
     return str(name), array, content
 
 

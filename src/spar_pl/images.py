@@ -98,16 +98,11 @@ def read_image(image: ImageInput | bytes, max_side: int | None = None, name: str
         ImageInputError: an unreadable file or an unsupported layout, dtype or value range, naming the input.
         TypeError: an object that is no image input.
     """
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(lambda: io.BytesIO(image), name or "image bytes", max_side)
+    encoded = _encoded(image, name)
+    if encoded is not None:
+        opener, name = encoded
+        return _from_pil(_open(opener, name, max_side), name, max_side)
     name = name or describe(image)
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if path.is_dir():
-            raise ImageInputError(f"{path} is a directory, not an image")
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        return _decode(lambda: path, name, max_side)
     if isinstance(image, Image.Image):
         check_size(image.width, image.height, max_side, name)
         return _from_pil(image, name, max_side)
@@ -121,7 +116,15 @@ def read_image(image: ImageInput | bytes, max_side: int | None = None, name: str
 def read_rgb8(image: ImageInput | bytes, name: str | None = None) -> np.ndarray:
     """:func:`read_image` as an ``H x W x 3`` uint8 array (the training augmentation's input): the same decoding
     (EXIF orientation, transparency over white, 16-bit and grayscale), rounded to 8 bits; an 8-bit RGB file comes
-    back exactly as stored."""
+    back exactly as stored. Plain 8-bit images (RGB, grayscale, palettes without transparency) skip the float
+    round trip, which would give the same bytes."""
+    encoded = _encoded(image, name)
+    if encoded is not None:
+        opener, name = encoded
+        image = _open(opener, name, None)
+    if isinstance(image, Image.Image) and not _needs_float(image):
+        check_size(image.width, image.height, None, name or describe(image))
+        return np.asarray(_to_rgb(image, name or describe(image)))
     return to_rgb8(read_image(image, name=name))
 
 
@@ -131,7 +134,21 @@ def to_rgb8(pixels: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _decode(source: Callable[[], object], name: str, max_side: int | None) -> torch.Tensor:
+def _encoded(image: object, name: str | None) -> tuple[Callable[[], object], str] | None:
+    """How to open an encoded image (a path or the bytes of a file) and its name; ``None`` for decoded inputs."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return (lambda: io.BytesIO(image)), name or "image bytes"
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if path.is_dir():
+            raise ImageInputError(f"{path} is a directory, not an image")
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        return (lambda: path), name or str(path)
+    return None
+
+
+def _open(source: Callable[[], object], name: str, max_side: int | None) -> Image.Image:
     """Open, size-check, decode and orient (EXIF) one encoded image; every failure names it."""
     try:
         with warnings.catch_warnings():  # our own size limit applies; PIL's bomb warning would only add noise
@@ -139,12 +156,25 @@ def _decode(source: Callable[[], object], name: str, max_side: int | None) -> to
             with Image.open(source()) as img:
                 check_size(img.width, img.height, max_side, name)
                 img.load()  # decode now, so that a truncated file fails here, naming the file
-                img = ImageOps.exif_transpose(img)
+                return ImageOps.exif_transpose(img)
     except ImageInputError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageInputError(f"cannot read image {name}: {err}") from err
-    return _from_pil(img, name, max_side)
+
+
+def _needs_float(img: Image.Image) -> bool:
+    """Whether a PIL image needs more than an 8-bit RGB conversion: 16- or 32-bit data, or transparency."""
+    mode = img.mode
+    transparent = (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La")
+    return mode.startswith("I;16") or mode in ("I", "F") or transparent
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ImageInputError(f"{name}: cannot convert PIL mode {img.mode} to RGB: {err}") from err
 
 
 def _from_pil(img: Image.Image, name: str, max_side: int | None) -> torch.Tensor:
@@ -153,13 +183,9 @@ def _from_pil(img: Image.Image, name: str, max_side: int | None) -> torch.Tensor
         return _from_array(np.asarray(img).clip(0, 65535).astype(np.uint16), name, max_side)
     if mode == "F":
         return _from_array(np.asarray(img, dtype=np.float32), name, max_side)
-    if (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if _needs_float(img):  # transparency
         return _from_array(np.asarray(img.convert("RGBA")), name, max_side)
-    try:
-        rgb = img.convert("RGB")
-    except (ValueError, OSError) as err:
-        raise ImageInputError(f"{name}: cannot convert PIL mode {mode} to RGB: {err}") from err
-    return _from_array(np.asarray(rgb), name, max_side)
+    return _from_array(np.asarray(_to_rgb(img, name)), name, max_side)
 
 
 def _tensor_to_array(image: torch.Tensor, name: str) -> np.ndarray:
