@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from spar_pl.encoders import BACKBONES, build_encoder
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
-from spar_pl.runner import check_writable, config_path, lightning_cli, packaged_configs
+from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
 from spar_pl.sliding import dense_features, window_starts
 from spar_pl.testing import TINY_MODELS
 
@@ -661,10 +661,7 @@ def main(args: Sequence[str] | None = None) -> None:
             lightning_cli(args)
         else:
             COMMANDS[command](argv[1:])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # left to interpreter exit, a DDP run on gloo now and then aborts after its work is done ("terminate
-            # called without an active exception", exit status -6)
-            torch.distributed.destroy_process_group()
+        end_process_group()
     except USER_ERRORS as err:
         print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None

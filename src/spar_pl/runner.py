@@ -181,11 +181,17 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
     )
 
 
+def end_process_group() -> None:
+    """End a DDP process group a command started: left to interpreter exit, a run on gloo now and then aborts after
+    its work is done ("terminate called without an active exception", exit status -6)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_lightning(args: Sequence[str]) -> None:
     """Run one LightningCLI command (``["test", "--config", ...]``) in this process, as ``spar-cli`` would; a
     process group it started is ended afterwards."""
-    import torch
-
     lightning_cli(args)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()

@@ -7,9 +7,9 @@ this process through :func:`spar_pl.runner.run_lightning` (each appends to ``res
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from spar_pl.callbacks import read_results
 from spar_pl.fileio import write_text
 from spar_pl.runner import config_path, run_lightning
 
@@ -36,7 +36,9 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
 
     The newest entry of each (row, dataset) counts; a missing cell is ``-`` and the mean is then omitted.
     """
-    entries = json.loads(Path(results).read_text())
+    if not Path(results).is_file():
+        raise FileNotFoundError(f"results file not found: {results}")
+    entries = read_results(Path(results))  # a damaged file is named in one line
     cells: dict[tuple[str, str], dict] = {}
     for e in entries:
         cells[(e["row"], e["dataset"])] = e
