@@ -31,12 +31,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from spar_pl.encoders import BACKBONES, build_encoder
+from spar_pl.images import read_image, to_pil
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
@@ -69,13 +69,7 @@ def shape_scene(seed: int = 0, size: int = 256) -> Image.Image:
     from spar_pl.scenes import make_scenes
 
     image, _ = make_scenes(1, size, seed, "quickstart")
-    return Image.fromarray((image[0].permute(1, 2, 0) * 255).round().byte().numpy())
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """A PIL image as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return to_pil(image[0])
 
 
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -127,7 +121,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
                 head_weights=args.head_weights,
             )
         except (OSError, ValueError, RuntimeError) as err:
-            raise SystemExit(f"spar-cli quickstart: {err}") from err
+            raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
         classes = args.classes or list(SAMPLE_CLASSES)
     random_weights = name in TINY_MODELS.values()
     print(
@@ -137,8 +131,6 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
 
     if args.image:
-        from spar_pl.images import read_image, to_pil
-
         try:
             image = to_pil(read_image(args.image))  # the one image reader: EXIF, transparency, 16-bit, grayscale
         except (OSError, ValueError) as err:
@@ -147,7 +139,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         image = shape_scene(args.seed)
     else:
         image = sample_image()
-    x = encoder.normalize(to_tensor(image).to(device))
+    x = encoder.normalize(read_image(image)[None].to(device))
     crop = args.crop or encoder.native_size
     height, width = x.shape[-2:]
     n_windows = len(window_starts(height, crop, args.stride)) * len(window_starts(width, crop, args.stride))
