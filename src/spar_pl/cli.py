@@ -578,6 +578,21 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _add_console_handler(logger: logging.Logger) -> None:
+    """Give ``logger`` the console handler (warnings and errors, known noise dropped), once, in place of plain
+    stream handlers."""
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            logger.removeHandler(handler)
+    if not any(getattr(h, "spar_console", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.addFilter(_not_noise)
+        handler.spar_console = True
+        logger.addHandler(handler)
+
+
 def configure_console() -> None:
     """A quiet, truthful console for ``spar-cli``: each log line once, known noise dropped.
 
@@ -587,32 +602,23 @@ def configure_console() -> None:
     commands say so) and a SPAR checkpoint or weights file is loaded after it.
     """
     root = logging.getLogger()
-    if not any(getattr(h, "spar_console", False) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setLevel(logging.WARNING)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        handler.spar_console = True
-        root.addHandler(handler)
     if _not_noise not in root.filters:
         root.addFilter(_not_noise)
-    for handler in root.handlers:  # records propagated from library loggers pass handler filters, not the root's
-        if getattr(handler, "spar_console", False) and _not_noise not in handler.filters:
-            handler.addFilter(_not_noise)
+    _add_console_handler(root)  # before Lightning's import, which adds handlers of its own only if there is none
     import datasets  # noqa: F401  (its handler exists once it is imported)
     import lightning.pytorch  # noqa: F401  (its handlers exist once it is imported)
 
-    # datasets prints through a handler of its own, bound to the stderr of its first import: its records go through
-    # the console handler instead, once
-    library = logging.getLogger("datasets")
-    for handler in list(library.handlers):
-        if type(handler) is logging.StreamHandler:
-            library.removeHandler(handler)
-    library.propagate = True
+    # The console handler replaces plain stream handlers bound to the stderr of their creation: the root's (a
+    # library's logging.warning runs basicConfig) and datasets' own, which also printed a damaged shard's error
+    # before the run's own line named it.
+    _add_console_handler(logging.getLogger("datasets"))
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         for handler in logging.getLogger(name).handlers:
             if _not_noise not in handler.filters:
                 handler.addFilter(_not_noise)
+            if type(handler) is logging.StreamHandler:
+                handler.stream = sys.stderr  # Lightning binds its handlers at import; print where stderr is now
     for message in _NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
