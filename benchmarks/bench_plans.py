@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -108,19 +108,16 @@ FULL = Plan(
     head_sizes=((1024, 2048), (2048, 4096)),  # the chunk budget binds at both: the difference is per-pixel state
 )
 
-QUICK = Plan(
+#: The same sections at tiny scale (CI, a laptop): only what differs from the full plan.
+QUICK = replace(
+    FULL,
     mode="quick",
-    repeats=3,
-    heavy_repeats=2,
-    heavy_s=20.0,
     overhead_model=TINY_CLIP,
     overhead_size=(128, 256),
-    window_batch=16,
     compare=((TINY_SL2, ((128, 256), (256, 512))), (TINY_CLIP, ((128, 256),))),
     max_teacher_s=None,
     memory_model=TINY_CLIP,
     memory_size=(256, 512),
-    memory_batches=(1, 16, 64),
     memory_real_chunks=None,
     memory_contrast=((128, 256), 16),
     memory_parallel=True,
