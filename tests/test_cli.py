@@ -96,6 +96,8 @@ def user_errors(tmp):
         (["table", "--render-only", "--results", str(tmp / "none")], "none/siglip2.json"),
         (["table", "--tiny", "--results", str(tmp / "file")], "results folder (--results)"),
         (["segment", str(tmp / "imgs"), "--classes", "a, b", "--out", str(tmp / "file")], "is a file, not a folder"),
+        (["reproduce-tiny", "--out", str(tmp / "file" / "r")], "file/r cannot be created"),
+        (["pretrain-tiny", "--out", str(tmp / "file" / "w.safetensors")], "is a file, not a folder"),
     ]
 
 

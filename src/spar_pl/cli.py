@@ -467,6 +467,7 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
+    check_writable(args.out, "output folder (--out)")  # before minutes of work
     return run(
         args.out,
         args.seeds,
@@ -492,6 +493,7 @@ def pretrain_tiny(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else shipped_weights()
+    check_writable(out.parent, "output folder")  # before minutes of work
     pretrain(out, seed=args.seed, steps=args.steps, batch_size=args.batch_size)
     print(f"wrote {out}")
     return out
