@@ -176,7 +176,7 @@ class Segmentation:
 
 
 def load(
-    backbone: str = "siglip2",
+    backbone: str | None = None,
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     model_name: str | None = None,
@@ -188,7 +188,8 @@ def load(
     """Build a SPAR model for inference.
 
     Args:
-        backbone: ``siglip2``, ``maskclip`` or ``dinov3txt``.
+        backbone: a paper preset (``siglip2``, ``maskclip``, ``maskclip-legacy``, ``dinov3txt``) or a family name;
+            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``).
         checkpoint: a SPAR checkpoint (authors' ``.ckpt``, ``spar-cli fit`` checkpoint or ``spar-cli export``
             safetensors), loaded strictly; ``None`` keeps the pretrained (not distilled) weights.
         device: ``cuda`` when available, else ``cpu``, by default.
@@ -219,7 +220,7 @@ def load(
         checkpoint=checkpoint,
         head_weights=head_weights,
     )
-    return SPAR(encoder, backbone, checkpoint=checkpoint, precision=precision)
+    return SPAR(encoder, encoder.backbone, checkpoint=checkpoint, precision=precision)
 
 
 #: Inference precisions, by Lightning's names.
@@ -353,7 +354,7 @@ class SPAR:
             "checkpoint": self.checkpoint or "",
             "mode": mode,
             "stride": str(stride) if sliding else "",
-            "crop": str(crop or self.encoder.native_size) if sliding else "",
+            "crop": str(crop or self.encoder.default_crop) if sliding else "",
             "image_height": str(size[0]),
             "image_width": str(size[1]),
             "input_height": str(x.shape[-2]),

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from spar_pl.encoders import BACKBONES, build_encoder
+from spar_pl.families import backbone_family, backbone_names
 from spar_pl.images import read_image, to_pil
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
@@ -106,9 +107,12 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         encoder, name, args.backbone = load_tiny(device=device), TINY_MODEL, "maskclip"
         classes = args.classes or list(SHAPE_CLASSES)
     else:
-        args.backbone = args.backbone or "siglip2"
+        if args.model_name is None:
+            args.backbone = args.backbone or "siglip2"
         name = args.model_name or (
-            TINY_MODELS[args.backbone] if args.weights is None else BACKBONES[args.backbone]["model_name"]
+            TINY_MODELS[args.backbone]
+            if args.weights is None
+            else BACKBONES.get(args.backbone, {}).get("model_name") or backbone_family(args.backbone).default_model
         )
         pretrained = args.pretrained if args.pretrained is not None else "default"
         try:
@@ -122,6 +126,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
             )
         except (OSError, ValueError, RuntimeError) as err:
             raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
+        args.backbone = encoder.backbone
         classes = args.classes or list(SAMPLE_CLASSES)
     random_weights = name in TINY_MODELS.values()
     print(
@@ -140,7 +145,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     else:
         image = sample_image()
     x = encoder.normalize(read_image(image)[None].to(device))
-    crop = args.crop or encoder.native_size
+    crop = args.crop or encoder.default_crop
     height, width = x.shape[-2:]
     n_windows = len(window_starts(height, crop, args.stride)) * len(window_starts(width, crop, args.stride))
     print(f"image: {width}x{height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
@@ -320,7 +325,12 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--backbone", default="siglip2", choices=sorted(BACKBONES))
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        choices=backbone_names(),
+        help="a paper preset or a family (default: the family of --model-name's model; no model either: siglip2)",
+    )
     parser.add_argument("--model-name", default=None, help="open_clip name or hf-hub: id (default: the backbone's)")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the backbone's)")
     parser.add_argument("--weights", default=None, help="local open_clip weights file; dinov3txt: the backbone .pth")

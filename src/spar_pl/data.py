@@ -14,7 +14,7 @@ import multiprocessing
 import random
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import albumentations as A
@@ -40,7 +40,8 @@ class AugmentConfig:
         min_side: a short side below this is upscaled to it; crops are at least this.
         keep_full_p: probability of keeping the full image rather than cropping.
         crop_range: each crop side is uniform in this fraction of the image side.
-        multiple: sides are floored to a multiple of this (the patch size).
+        multiple: sides are floored to a multiple of this (the student's patch size: :class:`DistillDataModule` sets
+            it from the model).
         flip_p: horizontal flip probability.
         max_pixels: an image whose resized size (before the crop) would exceed this many pixels is refused
             (``ValueError``, so the stream skips and names it): an extreme aspect ratio upscaled to ``min_side``
@@ -63,6 +64,11 @@ class AugmentConfig:
 
 
 PRESETS = {"paper": AugmentConfig(), "extended": AugmentConfig(box=(2560, 2560), ratio=(0.2, 1.0))}
+
+
+def with_multiple(cfg: AugmentConfig | None, multiple: int) -> AugmentConfig | None:
+    """``cfg`` with its sides floored to ``multiple`` (``None`` stays ``None``)."""
+    return cfg if cfg is None or cfg.multiple == multiple else replace(cfg, multiple=multiple)
 
 
 def augment_params(height: int, width: int, rng: random.Random, cfg: AugmentConfig) -> dict:
@@ -436,6 +442,8 @@ class DistillDataModule(L.LightningDataModule):
         num_workers: loader worker processes.
         shuffle_buffer: streaming shuffle buffer size.
         seed: shuffle and augmentation seed.
+        multiple: image sides are floored to a multiple of this; ``None``: the model's (the student's patch, the
+            module's ``crop_multiple``), 16 without one.
     """
 
     def __init__(
@@ -451,9 +459,12 @@ class DistillDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         seed: int = 0,
+        multiple: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if multiple is not None and multiple < 1:
+            raise ValueError(f"multiple must be a positive number of pixels, got {multiple}")
         if preset not in (*PRESETS, "none"):
             raise ValueError(f"unknown augmentation preset {preset!r}; choose paper, extended or none")
         cfg = PRESETS.get(preset)
@@ -463,6 +474,18 @@ class DistillDataModule(L.LightningDataModule):
         self.augmentation = cfg
         self.train_set: StreamingImages | None = None
         self.val_set: StreamingImages | None = None
+
+    def crop_multiple(self) -> int:
+        """The multiple image sides are floored to: ``multiple``, else the model's ``crop_multiple`` (the student's
+        patch), else 16."""
+        if self.hparams.multiple is not None:
+            return int(self.hparams.multiple)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return int(getattr(module, "crop_multiple", None) or 16)
+
+    def training_augmentation(self) -> AugmentConfig | None:
+        """The training augmentation with its sides floored to :meth:`crop_multiple`."""
+        return with_multiple(self.augmentation, self.crop_multiple())
 
     def _dataset(self, source: str, count: int | None, train: bool) -> StreamingImages:
         trainer = self.trainer
@@ -483,10 +506,11 @@ class DistillDataModule(L.LightningDataModule):
             per_rank,
             rank,
             world,
-            augmentation=self.augmentation if train else None,
+            augmentation=self.training_augmentation() if train else None,
             mode=hp.mode,
             seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer if train else 0,
+            multiple=self.crop_multiple(),
         )
         stream.worker_quotas(hp.num_workers)  # open the source now: a missing or damaged one is an error in setup
         return stream
@@ -502,7 +526,15 @@ class DistillDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         hp = self.hparams
         stream = StreamingImages(
-            hp.train_source, None, rank, world, self.augmentation, hp.mode, hp.seed, shuffle_buffer=0
+            hp.train_source,
+            None,
+            rank,
+            world,
+            self.training_augmentation(),
+            hp.mode,
+            hp.seed,
+            shuffle_buffer=0,
+            multiple=self.crop_multiple(),
         )
         return torch.utils.data.DataLoader(stream, batch_size=1, num_workers=hp.num_workers, collate_fn=_collate_eval)
 

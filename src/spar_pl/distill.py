@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
 from spar_pl.callbacks import CacheWriter, DataEpoch, LastCheckpoint, SkippedImages
+from spar_pl.data import with_multiple
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.images import READER_VERSION
 from spar_pl.sliding import SlidingWindowTeacher
@@ -28,12 +29,14 @@ class DistillModule(L.LightningModule):
     """Distil the sliding-window teacher into the single-pass student.
 
     Args:
-        backbone: ``maskclip``, ``siglip2`` or ``dinov3txt``.
+        backbone: a paper preset (``maskclip``, ``maskclip-legacy``, ``siglip2``, ``dinov3txt``) or a family name;
+            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``).
         model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's).
         weights: local open_clip weights file (offline); for ``dinov3txt`` the DINOv3 backbone file.
         head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
-        crop: teacher window side (default: the model's pretraining size).
+        crop: teacher window side (default: the largest multiple of the student's patch within the model's
+            pretraining size, e.g. 378 for a 384 px, patch-14 model).
         stride: teacher window stride (the paper: 24).
         window_batch: teacher windows per encoder call.
         trainable: trainable-parameter spec of the student (``blk_-1,blk_-2``; ``all`` for SPAR ALL).
@@ -46,7 +49,7 @@ class DistillModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "siglip2",
+        backbone: str | None = None,
         model_name: str | None = None,
         pretrained: str | None = "default",
         weights: str | None = None,
@@ -92,6 +95,11 @@ class DistillModule(L.LightningModule):
         for key, value in self.teacher.state_dict(prefix="teacher.").items():
             state.setdefault(key, value)
 
+    @property
+    def crop_multiple(self) -> int:
+        """The side multiple of training images: the student's patch (the data module floors crops to it)."""
+        return int(self.student.patch_size)
+
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher targets ``(B, C, H // p, W // p)`` of normalised images."""
@@ -114,13 +122,13 @@ class DistillModule(L.LightningModule):
         self.check_cache_data(datamodule)
         hp, data = self.hparams, datamodule.hparams
         manifest = {
-            "backbone": hp.backbone,
+            "backbone": self.student.backbone,
             "model_name": self.student.model_name,
             "weights": weights_fingerprint(self.teacher.encoder.model.visual),  # the values, whatever their name
             "crop": self.teacher.crop,
             "stride": self.teacher.stride,
             "seed": data.seed,
-            "augmentation": repr(datamodule.augmentation),
+            "augmentation": repr(with_multiple(datamodule.augmentation, self.crop_multiple)),
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
             "reader": READER_VERSION,  # how the images were decoded
         }
@@ -212,6 +220,11 @@ class TeacherCacheTask(L.LightningModule):
     def setup(self, stage: str) -> None:
         # one owner cleans and writes the manifest before any rank writes: Lightning holds a barrier after setup
         self.store = self.distill.open_cache(self.data, self.trainer.precision, self.trainer.is_global_zero)
+
+    @property
+    def crop_multiple(self) -> int:
+        """The side multiple of the cached images: the student's patch."""
+        return self.distill.crop_multiple
 
     def predict_dataloader(self):
         self.data.trainer = self.trainer  # this rank's share

@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.callbacks import ResultsFile
 from spar_pl.encoders import build_encoder
+from spar_pl.families import get_family
 from spar_pl.openvocab import SEGMENT_MODES, OpenVocabHead, parse_classes
 from spar_pl.sliding import check_window
 
@@ -32,7 +33,8 @@ class SegEvalModule(L.LightningModule):
     """Open-vocabulary segmentation evaluation of one encoder on one benchmark.
 
     Args:
-        backbone: ``maskclip``, ``maskclip-legacy``, ``siglip2`` or ``dinov3txt``.
+        backbone: a paper preset (``maskclip``, ``maskclip-legacy``, ``siglip2``, ``dinov3txt``) or a family name;
+            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``).
         model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's).
         weights: local open_clip weights file (e.g. a ``spar-cli export`` file); for ``dinov3txt`` the DINOv3
@@ -42,7 +44,7 @@ class SegEvalModule(L.LightningModule):
         mode: ``single`` (one pass); ``sliding`` (the authors' evaluation baseline: logits-level sliding window,
             :class:`~spar_pl.sliding.SlidingWindowLogits`); or ``sliding-features`` (the distillation teacher's
             feature-level sliding window, :class:`~spar_pl.sliding.SlidingWindowTeacher`, then the head).
-        crop: sliding-window side (default: the model's pretraining size).
+        crop: sliding-window side (default: the largest multiple of the patch within the model's pretraining size).
         stride: sliding-window stride.
         window_batch: windows per encoder call (the authors' evaluation: 60).
         classes: benchmark class list name or class-file path.
@@ -56,7 +58,7 @@ class SegEvalModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "siglip2",
+        backbone: str | None = None,
         model_name: str | None = None,
         pretrained: str | None = "default",
         weights: str | None = None,
@@ -96,7 +98,7 @@ class SegEvalModule(L.LightningModule):
             head_weights=head_weights,
         ).eval()
         if mode != "single":  # a window the fold cannot take fails here, before any data is read
-            check_window(int(crop or self.encoder.native_size), stride, self.encoder.patch_size, window_batch)
+            check_window(int(crop or self.encoder.default_crop), stride, self.encoder.patch_size, window_batch)
         # The head's text embeddings are computed once the module is on its device (:meth:`build_head`): the
         # encoder is the only module holding weights, so the state dict holds the backbone once.
         self.classes = parse_classes(classes)
@@ -119,8 +121,8 @@ class SegEvalModule(L.LightningModule):
     def row(self) -> str:
         """The table row this configuration belongs to."""
         hp = self.hparams
-        # dinov3txt's weights are the released backbone; SPAR weights come as a checkpoint
-        trained = hp.checkpoint or (hp.weights and hp.backbone != "dinov3txt")
+        # a family whose weights file is its released backbone (dinov3txt) has SPAR weights only as a checkpoint
+        trained = hp.checkpoint or (hp.weights and not get_family(self.encoder.family).release_weights)
         if hp.mode != "single":
             kind = "sliding window" if hp.mode == "sliding" else "feature-level sliding window"
             return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
@@ -201,7 +203,8 @@ class SegEvalModule(L.LightningModule):
             "config": {
                 k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
             }
-            | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
+            | {"backbone": self.encoder.backbone}
+            | {"crop": (hp.crop or self.encoder.default_crop) if hp.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -209,4 +212,4 @@ class SegEvalModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
         hp = self.hparams
-        return [ResultsFile(hp.results_dir, hp.results_name or hp.backbone)] if hp.results_dir else []
+        return [ResultsFile(hp.results_dir, hp.results_name or self.encoder.backbone)] if hp.results_dir else []

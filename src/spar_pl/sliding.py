@@ -73,6 +73,17 @@ def check_window(crop: int, stride: int, patch_size: int, window_batch: int = 1)
         raise ValueError(f"crop {crop} is not a multiple of the patch size {patch_size}")
 
 
+def default_crop(encoder) -> int:
+    """The default window side of an encoder: its ``default_crop`` (the largest multiple of the patch within the
+    pretraining size, :class:`~spar_pl.encoders.DenseEncoder`), computed the same way for any object with
+    ``patch_size`` and ``native_size`` attributes."""
+    crop = getattr(encoder, "default_crop", None)
+    if crop is None:
+        p = int(encoder.patch_size)
+        crop = max(p, int(encoder.native_size) // p * p)
+    return int(crop)
+
+
 def sliding_window(
     encoder: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -146,12 +157,13 @@ def dense_features(
         encoder: a :class:`~spar_pl.encoders.DenseEncoder` (``patch_size`` and ``native_size`` attributes).
         mode: ``single`` (one pass at the input size, interpolated positional embeddings) or ``sliding``
             (:func:`sliding_window`, the distillation teacher's features).
-        crop: window side (default: the encoder's pretraining size); stride, window_batch: see :func:`sliding_window`.
+        crop: window side (default: :func:`default_crop`, the largest multiple of the patch within the encoder's
+            pretraining size); stride, window_batch: see :func:`sliding_window`.
     """
     if mode == "single":
         return encoder(images)
     if mode == "sliding":
-        crop = int(crop or encoder.native_size)
+        crop = int(crop or default_crop(encoder))
         return sliding_window(encoder, images, crop, stride, encoder.patch_size, window_batch)
     raise ValueError(f"unknown feature mode {mode!r}; choose one of {', '.join(FEATURE_MODES)}")
 
@@ -162,7 +174,8 @@ class SlidingWindowTeacher(nn.Module):
     Args:
         encoder: a :class:`~spar_pl.encoders.DenseEncoder` (anything mapping ``(n, 3, c, c)`` to
             ``(n, C, c/p, c/p)`` with a ``patch_size`` attribute).
-        crop: window side in pixels; ``None`` takes the encoder's pretraining size.
+        crop: window side in pixels; ``None`` takes :func:`default_crop` (the largest multiple of the patch within
+            the encoder's pretraining size).
         stride: step between windows (the reference uses 24 for every backbone).
         window_batch: windows per encoder call.
     """
@@ -170,7 +183,7 @@ class SlidingWindowTeacher(nn.Module):
     def __init__(self, encoder: nn.Module, crop: int | None = None, stride: int = 24, window_batch: int = 16) -> None:
         super().__init__()
         self.encoder = encoder
-        self.crop = int(crop or encoder.native_size)
+        self.crop = int(crop or default_crop(encoder))
         self.stride = int(stride)
         self.window_batch = int(window_batch)
         self.patch_size = int(encoder.patch_size)

@@ -122,11 +122,19 @@ def table_command(argv=None) -> str:
         return table
     if not args.tiny:
         return run_table(args.backbone, args.ckpt, args.results)
-    return table_tiny(Path(args.results), TINY_TWINS.get(args.backbone, "tiny"))
+    return table_tiny(Path(args.results), tiny_twin(args.backbone))
 
 
-#: The tiny configs (``backbones/<name>.yaml`` and ``distill/<name>.yaml``) standing in for a backbone.
-TINY_TWINS = {"dinov3txt": "dinov3txt-tiny"}
+def tiny_twin(backbone: str) -> str:
+    """The tiny configs (``backbones/<name>.yaml`` and ``distill/<name>.yaml``) standing in for a backbone: the
+    DINOv3.txt twin's own for the ``dinotxt`` family (``dinov3txt-tiny``), the SigLIP2-shaped ``tiny`` otherwise."""
+    from spar_pl.families import backbone_family
+
+    return TINY_TWINS.get(backbone_family(backbone).name, "tiny")
+
+
+#: Tiny configs of a family, by family name (:func:`tiny_twin`); others use the SigLIP2-shaped ``tiny``.
+TINY_TWINS = {"dinotxt": "dinov3txt-tiny"}
 
 
 def table_tiny(results: Path, name: str = "tiny") -> str:

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 
+from spar_pl.families import BACKBONES, families, get_family
 from spar_pl.render import save_atomic
 
 __all__ = [
+    "TINY_GEOMETRIES",
     "TINY_MODELS",
     "naive_teacher",
     "naive_upsample_factor",
@@ -38,38 +37,40 @@ __all__ = [
     "write_tiny_benchmarks",
 ]
 
-#: Tiny randomly initialised models for tests, the quickstart and CPU smoke runs.
+#: Tiny randomly initialised models for tests, the quickstart and CPU smoke runs: each paper preset's and each
+#: family's tiny twin (:attr:`spar_pl.families.Family.tiny_model`).
 # (``sl2``, not ``siglip2``: open_clip picks the Gemma tokenizer, a download, for names containing "siglip").
-TINY_MODELS = {
-    "maskclip": "spar-tiny-clip",
-    "maskclip-legacy": "spar-tiny-clip",
-    "siglip2": "spar-tiny-sl2",
-    "dinov3txt": "spar-tiny-dinotxt",
+TINY_MODELS: dict[str, str] = {
+    **{name: get_family(preset["family"]).tiny_model for name, preset in BACKBONES.items()},
+    **{f.name: f.tiny_model for f in families()},
 }
 
+#: Tiny twins of other geometries (patch 8, 14, 32; a pretraining size the patch does not divide), each
+#: ``(family, patch, native size)``: the geometry tests run over them.
+TINY_GEOMETRIES: dict[str, tuple[str, int, int]] = {
+    "spar-tiny-clip": ("clip", 16, 64),
+    "spar-tiny-p8": ("clip", 8, 64),
+    "spar-tiny-clip-p14": ("clip", 14, 70),
+    "spar-tiny-clip-p32": ("clip", 32, 64),
+    "spar-tiny-sl2": ("siglip", 16, 64),
+    "spar-tiny-sl2-p14": ("siglip", 14, 64),
+}
 
-def spar_tiny_vit_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A 2-block, 64-wide SigLIP-style timm ViT at 64 px (MAP pool, no class token) for tests."""
-    args = {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
-    args.update(class_token=False, global_pool="map")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory bookkeeping
-        kwargs.pop(key, None)
-    return VisionTransformer(**{**args, **kwargs})
-
-
-#: open_clip configs of the tiny models (``spar-tiny-clip``, ``spar-tiny-sl2``) and of the shipped pretrained
+#: open_clip configs of the tiny models (``spar-tiny-clip``, ``spar-tiny-sl2``, ...) and of the shipped pretrained
 #: ``spar-tiny-p8`` (:mod:`spar_pl.reproduce`)
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
 
 def register_tiny_models() -> None:
-    """Register the tiny models with timm (the SigLIP-style trunk) and open_clip (their configs), once.
+    """Register the tiny models with open_clip (their JSON configs) and what each family's twin needs beyond its
+    config (:attr:`spar_pl.families.Family.register_tiny`: the SigLIP-style timm trunks), once.
 
-    ``spar-tiny-clip`` (2-block CLIP ViT at 64 px) and ``spar-tiny-sl2`` (the trunk above) then build through
-    ``open_clip.create_model`` like the real models, so tests exercise the real construction path.
+    The tiny models then build through ``open_clip.create_model`` like the real models, so tests exercise the real
+    construction path.
     """
-    if not timm.is_model("spar_tiny_vit_siglip"):
-        register_model(spar_tiny_vit_siglip)
+    for family in families():
+        if family.register_tiny is not None:
+            family.register_tiny()
     if "spar-tiny-clip" not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIGS)
 

@@ -44,14 +44,6 @@ LAYOUTS: dict[str, str] = {
     "": "a plain state dict of the model (a spar-cli export file, open_clip weights)",
 }
 
-#: Key fragments that identify a backbone family, checked in order.
-FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("visual_model.backbone.", "dinov3txt", "a DINOv3.txt model (official names)"),
-    ("visual.rope.periods", "dinov3txt", "a DINOv3.txt model"),
-    ("visual.trunk.", "siglip2", "a SigLIP2 model (timm trunk)"),
-    ("visual.transformer.resblocks.", "maskclip", "an OpenCLIP ViT CLIP model (MaskCLIP)"),
-)
-
 _MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file"}
 _CONVERT = "only if you trust the file, convert it once to safetensors (README: Checkpoints and safety) and pass that"
 #: Modules PyTorch's weights-only unpickler never loads from, even allowlisted: files naming them are refused.
@@ -155,11 +147,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def describe_keys(keys) -> tuple[str | None, str]:
-    """``(family, description)`` of the backbone a set of keys looks like (``(None, "an unknown model")``)."""
-    for fragment, family, description in FAMILIES:
-        if any(fragment in k for k in keys):
-            return family, f"{description}: it holds {fragment}* keys"
-    return None, "an unknown model"
+    """``(family, description)`` of the backbone a set of keys looks like (``(None, "an unknown model")``): the
+    first family of the registry (:func:`spar_pl.families.family_of_keys`) one of whose key fragments occurs."""
+    from spar_pl.families import family_of_keys  # the family modules read weight files through this module
+
+    family, description = family_of_keys(keys)
+    return (family.name if family is not None else None), description
 
 
 def strip_layout(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], str]:
@@ -196,7 +189,7 @@ def load_state_strict(
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     lines = [f"{source} does not match model {model_name!r}"]
     family, looks = describe_keys(list(file_keys if file_keys is not None else state))
-    if family is not None and backbone is not None and not str(backbone).startswith(family):
+    if family is not None and backbone is not None and family != _family_name(backbone):
         lines.append(f"it looks like {looks}, while backbone {backbone!r} was given")
     else:
         lines.append(f"it looks like {looks}")
@@ -208,6 +201,15 @@ def load_state_strict(
     except RuntimeError as err:  # shapes: e.g. a ViT-B file for a ViT-L model
         lines.append(str(err).replace("\n", " "))
         raise CheckpointError("; ".join(lines)) from err
+
+
+def _family_name(backbone: str) -> str | None:
+    from spar_pl.families import backbone_family
+
+    try:
+        return backbone_family(str(backbone)).name
+    except ValueError:
+        return None
 
 
 def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
