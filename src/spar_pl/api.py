@@ -312,7 +312,8 @@ class SPAR:
             image: a path, PIL image, numpy array or tensor (see the module notes).
             mode: ``single`` (one pass, SPAR's point) or ``sliding`` (the sliding-window teacher).
             stride: window stride of the sliding mode.
-            crop: window side of the sliding mode (default: the model's pretraining size).
+            crop: window side of the sliding mode (default: the largest multiple of the patch within the model's
+                pretraining size).
             upsample: resize the features bilinearly to the original image size ``(H, W)``, as the segmentation
                 head resizes its logits; otherwise ``h, w`` is the patch grid of the model input.
             max_side: downscale the image so that its long side is at most this before the model.

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from torch import nn
 
-from spar_pl.sliding import SlidingWindowLogits, dense_features
+from spar_pl.sliding import SlidingWindowLogits, default_crop, dense_features
 
 #: :meth:`OpenVocabHead.segment` modes: one pass, the authors' logits-level sliding window, the teacher's features.
 SEGMENT_MODES = ("single", "sliding", "sliding-features")
@@ -278,11 +278,12 @@ class OpenVocabHead(nn.Module):
             mode: ``single`` (one pass, then :meth:`predict`); ``sliding`` (the authors' evaluation baseline,
                 :meth:`predict_sliding`); ``sliding-features`` (the teacher's features,
                 :func:`~spar_pl.sliding.dense_features`, then :meth:`predict`).
-            crop: window side (default: the encoder's pretraining size); stride, window_batch: the window's.
+            crop: window side (default: :func:`~spar_pl.sliding.default_crop`, the largest multiple of the patch
+                within the encoder's pretraining size); stride, window_batch: the window's.
             size, probs_out: see :meth:`predict`.
         """
         if mode == "sliding":
-            crop = int(crop or encoder.native_size)
+            crop = int(crop or default_crop(encoder))
             return self.predict_sliding(encoder, images, size, crop, stride, window_batch, probs_out)
         if mode not in SEGMENT_MODES:
             raise ValueError(f"unknown segmentation mode {mode!r}; choose one of {', '.join(SEGMENT_MODES)}")
