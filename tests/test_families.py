@@ -127,3 +127,19 @@ def test_random_line_names_open_clip_tags_when_it_knows_some(caplog, monkeypatch
     (line,) = _random_lines(caplog)
     assert line.startswith("spar-tiny-clip: random weights (clip family") and line.endswith("for it: tagA")
     assert encoders.log.name == "spar_pl.encoders"
+
+
+def test_cli_model_name_alone_picks_the_family_and_pretrained_none_says_random_once(tmp_path, capsys, caplog):
+    from PIL import Image
+
+    from spar_pl.cli import main
+    from spar_pl.weights import read_state_dict
+
+    Image.new("RGB", (90, 60), (120, 30, 200)).save(tmp_path / "a.png")
+    args = ["features", str(tmp_path / "a.png"), "--model-name", "spar-tiny-clip-p14", "--pretrained", "none"]
+    with caplog.at_level(logging.WARNING):  # conftest quiets the root logger; the CLI's console shows warnings
+        main([*args, "--mode", "sliding", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "SPAR(backbone='clip', model='spar-tiny-clip-p14'" in captured.out
+    assert sum("random weights" in line for line in captured.err.splitlines()) == 1
+    assert read_state_dict(tmp_path / "out" / "a.safetensors")["features"].shape[-2:] == (60 // 14, 90 // 14)

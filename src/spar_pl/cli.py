@@ -4,7 +4,8 @@
 ``spar-cli export CKPT OUT`` writes a distilled student as open_clip safetensors; ``spar-cli tiny-data``
 generates images for the tiny CPU config; ``spar-cli cache`` fills a teacher-feature cache; ``spar-cli table``
 runs the 18 evaluations of the paper's table; ``spar-cli config`` lists or prints the shipped configs (package data:
-``--config configs/...`` works from any folder).
+``--config configs/...`` works from any folder); ``spar-cli models`` lists the backbone families and the models
+each takes.
 
 ``spar-cli quickstart`` runs the whole feature path on one image: single-pass and sliding-window
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
@@ -522,6 +523,13 @@ def table(argv: Sequence[str] | None = None) -> str:
     return table_command(argv)
 
 
+def models(argv: Sequence[str] | None = None) -> str:
+    """``spar-cli models``: the backbone families and the models each takes (``spar_pl.catalog``)."""
+    from spar_pl.catalog import models_command
+
+    return models_command(argv)
+
+
 def config(argv: Sequence[str] | None = None) -> str:
     """``spar-cli config [NAME]``: the shipped configs (package data). No NAME lists them; ``spar-cli config
     distill/siglip2.yaml > my.yaml`` writes one to edit. ``--config configs/NAME`` works from any folder: a path
@@ -543,6 +551,7 @@ def config(argv: Sequence[str] | None = None) -> str:
 COMMANDS = {
     "quickstart": quickstart,
     "config": config,
+    "models": models,
     "export": export,
     "tiny-data": tiny_data,
     "cache": cache,

@@ -109,7 +109,8 @@ def build_encoder(
             (``docs/method.md`` section 1). ``spar-tiny-*`` names build the tiny models (each family's twin, and
             ``spar-tiny-p8``, which loads its shipped weights).
         pretrained: open_clip pretrained tag; ``"default"`` takes the backbone's tag for its default model (a tiny
-            model's shipped weights); ``None`` leaves the weights random. Ignored for ``hf-hub:`` ids. For
+            model's shipped weights); ``None`` (or ``"none"``) leaves the weights random. Ignored for ``hf-hub:``
+            ids. For
             ``dinov3txt`` only ``None`` matters: it allows the full-size model without weight files. A model built
             without any weights says "random weights" in one logged warning.
         weights: a local open_clip weights file (``.safetensors``, ``.pt``, ``.bin``), for offline use;
@@ -128,6 +129,8 @@ def build_encoder(
         FileNotFoundError: a weights, checkpoint or head-weights file that does not exist.
         RuntimeError: open_clip could not build the model (the message names it and the weights).
     """
+    if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
+        pretrained = None  # the command line's and the configs' spelling of "no pretrained weights"
     if backbone is None and model_name is None:
         backbone = "siglip2"
     family = backbone_family(backbone) if backbone is not None else _builder_family(model_name)
@@ -190,7 +193,8 @@ def _defaults(backbone: str | None, family: Family | None) -> dict:
 
 def _tags_hint(model_name: str) -> str:
     tags = [t for n, t in open_clip.list_pretrained() if n == model_name]
-    return f"; open_clip's pretrained tags for it: {', '.join(tags)}" if tags else ""
+    shown = ", ".join(tags[:5]) + (f", ... ({len(tags)} in all: spar-cli models)" if len(tags) > 5 else "")
+    return f"; open_clip's pretrained tags for it: {shown}" if tags else ""
 
 
 def _build_open_clip(

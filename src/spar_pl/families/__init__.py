@@ -14,6 +14,7 @@ import pkgutil
 from spar_pl.families.base import DenseEncoder
 from spar_pl.families.registry import (
     Family,
+    config_geometry,
     families,
     family_of_config,
     family_of_keys,
@@ -28,6 +29,7 @@ __all__ = [
     "Family",
     "backbone_family",
     "backbone_names",
+    "config_geometry",
     "families",
     "family_of_config",
     "family_of_keys",

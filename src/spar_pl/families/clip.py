@@ -127,7 +127,7 @@ FAMILY = register_family(
         default_pretrained="laion2b_s34b_b88k",
         tiny_model="spar-tiny-clip",
         key_fragments=(("visual.transformer.resblocks.", "an OpenCLIP ViT CLIP model (MaskCLIP)"),),
-        parity="tests/test_encoders.py::test_maskclip_last_block_is_value_path",
+        parity="the reference's positional resize and value path vs open_clip's own blocks (tests/test_encoders.py)",
         order=50,
     )
 )

@@ -140,7 +140,7 @@ FAMILY = register_family(
         tiny_model="spar-tiny-sl2",
         register_tiny=register_tiny,
         key_fragments=(("visual.trunk.", "a SigLIP2 model (timm trunk)"),),
-        parity="tests/test_encoders.py::test_siglip2_attention_pool_bypass_is_value_path",
+        parity="the reference's positional resize (bit for bit), pool bypass vs timm's pool (tests/test_encoders.py)",
         order=40,
     )
 )
