@@ -143,3 +143,13 @@ def test_cli_model_name_alone_picks_the_family_and_pretrained_none_says_random_o
     assert "SPAR(backbone='clip', model='spar-tiny-clip-p14'" in captured.out
     assert sum("random weights" in line for line in captured.err.splitlines()) == 1
     assert read_state_dict(tmp_path / "out" / "a.safetensors")["features"].shape[-2:] == (60 // 14, 90 // 14)
+
+
+def test_table_tiny_twin_reads_the_registry():
+    from spar_pl.table import tiny_twin
+
+    assert tiny_twin("siglip2") == ("tiny", [])
+    assert tiny_twin("dinov3txt") == tiny_twin("dinotxt") == ("dinov3txt-tiny", [])
+    name, extra = tiny_twin("maskclip")
+    assert name == "tiny" and extra[extra.index("--model.init_args.model_name") + 1] == "spar-tiny-clip"
+    assert extra[extra.index("--model.init_args.backbone") + 1] == "clip"

@@ -7,6 +7,7 @@ this process through :func:`spar_pl.runner.run_lightning` (each appends to ``res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from spar_pl.callbacks import read_results
@@ -122,27 +123,37 @@ def table_command(argv=None) -> str:
         return table
     if not args.tiny:
         return run_table(args.backbone, args.ckpt, args.results)
-    return table_tiny(Path(args.results), tiny_twin(args.backbone))
+    name, overrides = tiny_twin(args.backbone)
+    return table_tiny(Path(args.results), name, overrides)
 
 
-def tiny_twin(backbone: str) -> str:
-    """The tiny configs (``backbones/<name>.yaml`` and ``distill/<name>.yaml``) standing in for a backbone: the
-    DINOv3.txt twin's own for the ``dinotxt`` family (``dinov3txt-tiny``), the SigLIP2-shaped ``tiny`` otherwise."""
+def tiny_twin(backbone: str) -> tuple[str, list[str]]:
+    """The tiny configs (``backbones/<name>.yaml`` and ``distill/<name>.yaml``) standing in for a backbone, and the
+    arguments that adapt them: a family's own tiny configs where it has some (:data:`TINY_TWINS`: DINOv3.txt's),
+    else the SigLIP2-shaped ``tiny`` configs, given the family's tiny twin (:attr:`~spar_pl.families.Family.tiny_model`)
+    and its default crop when it is another model."""
     from spar_pl.families import backbone_family
 
-    return TINY_TWINS.get(backbone_family(backbone).name, "tiny")
+    family = backbone_family(backbone)
+    if family.name in TINY_TWINS:
+        return TINY_TWINS[family.name], []
+    if family.tiny_model == "spar-tiny-sl2":
+        return "tiny", []
+    model = ["--model.init_args.backbone", family.name, "--model.init_args.model_name", family.tiny_model]
+    return "tiny", [*model, "--model.init_args.crop", "null"]
 
 
-#: Tiny configs of a family, by family name (:func:`tiny_twin`); others use the SigLIP2-shaped ``tiny``.
+#: Tiny configs of a family, by family name (:func:`tiny_twin`).
 TINY_TWINS = {"dinotxt": "dinov3txt-tiny"}
 
 
-def table_tiny(results: Path, name: str = "tiny") -> str:
+def table_tiny(results: Path, name: str = "tiny", overrides: Sequence[str] = ()) -> str:
     """The whole table pipeline on generated data: tiny benchmarks, a tiny distillation, 18 evaluations.
 
     Args:
         results: results folder.
         name: the tiny configs to use (``tiny``: SigLIP2-shaped; ``dinov3txt-tiny``: the DINOv3.txt twin).
+        overrides: arguments added to the distillation and every evaluation (another family's tiny twin).
     """
     from spar_pl.testing import write_sample_images, write_tiny_benchmarks
 
@@ -152,6 +163,6 @@ def table_tiny(results: Path, name: str = "tiny") -> str:
     fit = ["fit", "--config", str(config_path(f"distill/{name}.yaml")), "--trainer.max_epochs", "2"]
     fit += ["--data.init_args.train_source", str(work / "distill-data"), "--data.init_args.val_source", "null"]
     fit += ["--trainer.default_root_dir", str(work / "distill"), "--trainer.enable_progress_bar", "false"]
-    run_lightning(fit)
+    run_lightning([*fit, *overrides])
     checkpoint = max((work / "distill").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return run_table(name, str(checkpoint), str(results), roots)
+    return run_table(name, str(checkpoint), str(results), roots, overrides)
