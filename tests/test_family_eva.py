@@ -6,9 +6,14 @@ exercise the real construction path: a timm ``Eva`` trunk (RoPE, class token) in
 
 from __future__ import annotations
 
+import functools
+
 import open_clip
 import pytest
+import timm.models.eva
 import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from spar_pl.families import eva
 from spar_pl.testing import MODEL_CONFIGS
@@ -33,11 +38,17 @@ def encoder(request) -> eva.EvaTrunkEncoder:
     return _build(request.param)
 
 
-def _dynamic_twin(encoder: eva.EvaTrunkEncoder):
-    """The same trunk built by timm with ``dynamic_img_size=True`` (timm's own any-size forward), same weights."""
+def _dynamic_twin(encoder: eva.EvaTrunkEncoder, monkeypatch):
+    """The same trunk built by timm with ``dynamic_img_size=True`` (timm's own any-size forward), same weights.
+
+    For PE, set to Meta's reference rules (RoPE on unscaled grid positions, bilinear positional embedding)."""
     trunk = encoder.trunk
-    fn = eva.spar_tiny_eva02 if isinstance(encoder, eva.EVA02Encoder) else eva.spar_tiny_pe
-    twin = fn(dynamic_img_size=True, num_classes=trunk.num_classes)
+    if isinstance(encoder, eva.EVA02Encoder):
+        twin = eva.spar_tiny_eva02(dynamic_img_size=True, num_classes=trunk.num_classes)
+    else:
+        twin = eva.spar_tiny_pe(dynamic_img_size=True, num_classes=trunk.num_classes, ref_feat_shape=None)
+        bilinear = functools.partial(resample_abs_pos_embed, interpolation="bilinear", antialias=False)
+        monkeypatch.setattr(timm.models.eva, "resample_abs_pos_embed", bilinear)
     twin.load_state_dict(trunk.state_dict(), strict=True)
     return twin.eval()
 
@@ -61,8 +72,24 @@ def test_tiny_twins_are_recognised_from_structure_and_config():
 def test_rope_twin_builds_the_trunks_own_table_at_the_native_grid(encoder):
     trunk = encoder.trunk
     h, w = trunk.patch_embed.grid_size
-    assert torch.equal(encoder.rope_embedding(h, w), trunk.rope.get_embed())
+    torch.testing.assert_close(encoder.rope_embedding(h, w), trunk.rope.get_embed(), atol=1e-6, rtol=0)
     assert not any("rope" in k for k in encoder.state_dict())  # nothing added to the checkpoint layout
+
+
+def test_pe_any_size_rules_are_metas_reference():
+    """PE: RoPE on integer grid positions (a larger grid's top-left corner is the native table) and the patch
+    part of the positional embedding resized bilinearly (align_corners=False, no antialiasing), the class
+    token's entry kept; EVA02 rescales RoPE positions onto the pretraining grid instead."""
+    pe, eva02 = _build("spar-tiny-pe"), _build("spar-tiny-eva02")
+    d = pe.rope.get_embed(shape=[4, 4]).shape[-1]
+    big = pe.rope_embedding(7, 9).reshape(7, 9, d)[:4, :4].reshape(16, d)
+    torch.testing.assert_close(big, pe.trunk.rope.get_embed(), atol=1e-6, rtol=0)
+    big = eva02.rope_embedding(7, 9).reshape(7, 9, -1)[:4, :4].reshape(16, -1)
+    assert not torch.allclose(big, eva02.trunk.rope.get_embed(), atol=1e-3)
+    pos = pe.trunk.pos_embed
+    grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(7, 9), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pe.positional_embedding(7, 9), torch.cat([pos[:, :1], want], dim=1))
 
 
 @torch.no_grad()
@@ -86,10 +113,10 @@ def test_tokens_match_the_models_own_forward_at_native_size(encoder):
 
 @torch.no_grad()
 @pytest.mark.parametrize("size", [(45, 100), (64, 64), (100, 37), (129, 97)])
-def test_tokens_match_timms_dynamic_size_forward_at_any_size(encoder, size):
+def test_tokens_match_timms_dynamic_size_forward_at_any_size(encoder, size, monkeypatch):
     """At any size, positional embedding and RoPE follow timm's own dynamic-size rules (same weights); a remainder
     below one patch is dropped (timm's dynamic forward then equals it on the image cropped to the grid)."""
-    twin = _dynamic_twin(encoder)
+    twin = _dynamic_twin(encoder, monkeypatch)
     x = torch.randn(1, 3, *size)
     depth = len(twin.blocks) - 1
     ours, _ = encoder.tokens(x)

@@ -8,9 +8,11 @@
   bypassed on its value path (as for SigLIP2), the projection, the class token dropped.
 
 Any input size: the patch grid is ``(H // p, W // p)`` (a remainder below one patch is dropped, as the patch
-convolution does), the absolute positional embedding is resampled with timm's ``resample_abs_pos_embed`` and the
-RoPE table is built for that grid with timm's own RoPE module (``get_embed(shape=...)``), exactly as timm's Eva
-computes both for a dynamic input size. At the model's own size this is the model's own forward.
+convolution does); the absolute positional embedding is resampled with timm's ``resample_abs_pos_embed`` and the
+RoPE table is built for that grid with timm's own RoPE module (``get_embed(shape=...)``). EVA02 follows timm's own
+dynamic-size rules (bicubic with antialiasing; RoPE positions rescaled onto the pretraining grid, EVA's rule); PE
+follows Meta's reference implementation (bilinear without antialiasing; RoPE on integer positions, unscaled). At the
+model's own size both are the model's own forward.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ class EvaTrunkEncoder(DenseEncoder):
             RoPE, the axial ``RotaryEmbeddingCat`` (what EVA02-CLIP and the Perception Encoder use).
     """
 
+    #: Any-size rules: the positional-embedding resampling (``resample_abs_pos_embed``'s ``interpolation`` and
+    #: ``antialias``), and whether RoPE positions are rescaled onto the pretraining grid (the trunk's
+    #: ``ref_feat_shape``) or stay integer grid positions.
+    pos_interpolation: str = "bicubic"
+    pos_antialias: bool = True
+    rope_rescale: bool = True
+
     def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None) -> None:
         trunk = _trunk(model)
         name = type(self).__name__
@@ -67,17 +76,17 @@ class EvaTrunkEncoder(DenseEncoder):
         # buffers are not persistent: the state dict stays the model's.
         self.rope = None if trunk.rope is None else self._grid_rope(trunk.rope)
 
-    @staticmethod
-    def _grid_rope(rope: RotaryEmbeddingCat) -> RotaryEmbeddingCat:
-        """The trunk's RoPE settings without a cached table nor train-time coordinate augmentation."""
-        twin = RotaryEmbeddingCat(
+    def _grid_rope(self, rope: RotaryEmbeddingCat) -> RotaryEmbeddingCat:
+        """The trunk's RoPE settings without a cached table nor train-time coordinate augmentation (and without
+        the rescaling onto the pretraining grid unless :attr:`rope_rescale`)."""
+        return RotaryEmbeddingCat(
             dim=rope.dim,
             max_res=rope.max_res,
             temperature=rope.temperature,
             in_pixels=rope.in_pixels,
             linear_bands=rope.linear_bands,
             feat_shape=None,
-            ref_feat_shape=rope.ref_feat_shape,
+            ref_feat_shape=rope.ref_feat_shape if self.rope_rescale else None,
             grid_offset=rope.grid_offset,
             grid_indexing=rope.grid_indexing,
             rotate_half=rope.rotate_half,
@@ -85,7 +94,6 @@ class EvaTrunkEncoder(DenseEncoder):
             normalize_coords=rope.normalize_coords,
             device=rope.bands.device,
         )
-        return twin
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -103,14 +111,20 @@ class EvaTrunkEncoder(DenseEncoder):
         return self.trunk.blocks
 
     def positional_embedding(self, h: int, w: int) -> torch.Tensor | None:
-        """Absolute positional embedding ``(1, prefix + h * w, D)`` for an ``h x w`` grid (timm's dynamic-size rule:
-        ``resample_abs_pos_embed``, bicubic with antialiasing; the embedding itself at the pretraining grid)."""
+        """Absolute positional embedding ``(1, prefix + h * w, D)`` for an ``h x w`` grid (``resample_abs_pos_embed``
+        with the family's :attr:`pos_interpolation` and :attr:`pos_antialias`; the embedding itself at the
+        pretraining grid)."""
         t = self.trunk
         if t.pos_embed is None:
             return None
         prefix = 0 if t.no_embed_class else t.num_prefix_tokens
         return resample_abs_pos_embed(
-            t.pos_embed, new_size=(h, w), old_size=t.patch_embed.grid_size, num_prefix_tokens=prefix
+            t.pos_embed,
+            new_size=(h, w),
+            old_size=t.patch_embed.grid_size,
+            num_prefix_tokens=prefix,
+            interpolation=self.pos_interpolation,
+            antialias=self.pos_antialias,
         )
 
     def rope_embedding(self, h: int, w: int) -> torch.Tensor | None:
@@ -242,6 +256,9 @@ class PEEncoder(EvaTrunkEncoder):
     family = "pe"
     default_mean = SIGLIP_MEAN  # PE's preprocessing: mean = std = 0.5
     default_std = SIGLIP_STD
+    pos_interpolation = "bilinear"  # Meta's reference: bilinear, align_corners=False, no antialiasing
+    pos_antialias = False
+    rope_rescale = False  # Meta's reference: RoPE on integer grid positions (+1, the class token at 0)
 
     def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None) -> None:
         trunk = _trunk(model)
