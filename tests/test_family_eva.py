@@ -227,3 +227,25 @@ def test_every_trainable_parameter_gets_a_gradient_and_no_unused_one_does(encode
     missing = [n for n in names if params[n].grad is None]
     assert not missing
     assert all(u.grad is None for u in enc.unused_parameters())
+
+
+@torch.no_grad()
+def test_pe_without_a_class_token():
+    """PE bigG's trunk has no class token (and RoPE from position 0): tokens are timm's own, features any size."""
+    encoder = _build("spar-tiny-pe")
+    model = encoder.model
+    torch.manual_seed(2)
+    model.visual.trunk = eva.spar_tiny_pe(class_token=False, rope_grid_offset=0.0, num_classes=48).eval()
+    encoder = eva.PEEncoder(model)
+    assert eva._recognise_pe(model) and encoder.trunk.num_prefix_tokens == 0
+    trunk = encoder.trunk
+    x = torch.randn(2, 3, 64, 64)
+    ours, _ = encoder.tokens(x)
+    theirs = trunk.forward_intermediates(x, indices=[len(trunk.blocks) - 2], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(ours, theirs[0], atol=1e-5, rtol=1e-5)
+    assert encoder(torch.randn(1, 3, 45, 100)).shape == (1, 48, 2, 6)
+    model = _build("spar-tiny-eva02").model
+    model.visual.trunk = eva.spar_tiny_eva02(class_token=False, global_pool="avg", num_classes=32)
+    assert not eva._recognise_eva02(model) and not eva._recognise_pe(model)
+    with pytest.raises(TypeError, match="class token"):
+        eva.EVA02Encoder(model)

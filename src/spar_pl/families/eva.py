@@ -3,9 +3,9 @@
 * ``eva02``: EVA02-CLIP (open_clip ``EVA02-B-16``, ``EVA02-L-14``, ``EVA02-L-14-336``; also EVA01, which has no
   RoPE): a class token pooled by the trunk (``global_pool="token"``). Dense features: every block but the last as
   the model runs it, the last block on its value path, the final norm and the projection, the class token dropped.
-* ``pe``: the Perception Encoder (open_clip ``PE-Core-*``): a class token and an attention pool
-  (``global_pool="map"``). Dense features: every block as the model runs it, the final norm, the attention pool
-  bypassed on its value path (as for SigLIP2), the projection, the class token dropped.
+* ``pe``: the Perception Encoder (open_clip ``PE-Core-*``): an attention pool (``global_pool="map"``) and, but for
+  bigG, a class token. Dense features: every block as the model runs it, the final norm, the attention pool bypassed
+  on its value path (as for SigLIP2), the projection, the class token (if any) dropped.
 
 Any input size: the patch grid is ``(H // p, W // p)`` (a remainder below one patch is dropped, as the patch
 convolution does); the absolute positional embedding is resampled with timm's ``resample_abs_pos_embed`` and the
@@ -44,8 +44,8 @@ class EvaTrunkEncoder(DenseEncoder):
     Subclasses say how the last stage maps the tokens to the text-embedding space (:meth:`head_tokens`).
 
     Raises:
-        TypeError: the vision tower is not a timm ``Eva`` with pre-norm blocks, a class token and, when it has
-            RoPE, the axial ``RotaryEmbeddingCat`` (what EVA02-CLIP and the Perception Encoder use).
+        TypeError: the vision tower is not a timm ``Eva`` with pre-norm blocks and, when it has RoPE, the axial
+            ``RotaryEmbeddingCat`` (what EVA02-CLIP and the Perception Encoder use).
     """
 
     #: Any-size rules: the positional-embedding resampling (``resample_abs_pos_embed``'s ``interpolation`` and
@@ -61,8 +61,6 @@ class EvaTrunkEncoder(DenseEncoder):
         if not isinstance(trunk, Eva):
             kind = type(trunk if trunk is not None else getattr(model, "visual", None)).__name__
             raise TypeError(f"{name} needs an open_clip model whose vision tower is a timm Eva, got {kind}")
-        if trunk.cls_token is None:
-            raise TypeError(f"{name} expects an Eva trunk with a class token")
         if not all(type(b) is EvaBlock for b in trunk.blocks):
             raise TypeError(f"{name} supports pre-norm Eva blocks only (not post-norm blocks such as EVA02-E's)")
         if trunk.rope is not None and (trunk.rope_mixed or not isinstance(trunk.rope, RotaryEmbeddingCat)):
@@ -141,7 +139,7 @@ class EvaTrunkEncoder(DenseEncoder):
             raise ValueError(f"image {height}x{width} is smaller than one {self.patch_size}px patch")
         x = t.patch_embed.proj(images.to(t.patch_embed.proj.weight.dtype)).flatten(2).transpose(1, 2)
         x = t.patch_embed.norm(x)
-        prefix = [t.cls_token.expand(b, -1, -1)]
+        prefix = [] if t.cls_token is None else [t.cls_token.expand(b, -1, -1)]
         if t.reg_token is not None:
             prefix.append(t.reg_token.expand(b, -1, -1))
         pos = self.positional_embedding(h, w)
@@ -229,6 +227,8 @@ class EVA02Encoder(EvaTrunkEncoder):
         trunk = _trunk(model)
         if isinstance(trunk, Eva) and trunk.attn_pool is not None:
             raise TypeError("EVA02Encoder expects a class-token pool; an Eva trunk with an attention pool is 'pe'")
+        if isinstance(trunk, Eva) and (trunk.cls_token is None or trunk.global_pool != "token"):
+            raise TypeError("EVA02Encoder expects an Eva trunk with a class token and its class-token pool")
         super().__init__(model, tokenizer, mean, std)
 
     def head_tokens(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
@@ -258,7 +258,7 @@ class PEEncoder(EvaTrunkEncoder):
     default_std = SIGLIP_STD
     pos_interpolation = "bilinear"  # Meta's reference: bilinear, align_corners=False, no antialiasing
     pos_antialias = False
-    rope_rescale = False  # Meta's reference: RoPE on integer grid positions (+1, the class token at 0)
+    rope_rescale = False  # Meta's reference: RoPE on integer grid positions (from 1 with a class token, else 0)
 
     def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None) -> None:
         trunk = _trunk(model)
@@ -289,7 +289,6 @@ class PEEncoder(EvaTrunkEncoder):
 def _supported_trunk(trunk: nn.Module | None) -> bool:
     return (
         isinstance(trunk, Eva)
-        and trunk.cls_token is not None
         and all(type(b) is EvaBlock for b in trunk.blocks)
         and (trunk.rope is None or (isinstance(trunk.rope, RotaryEmbeddingCat) and not trunk.rope_mixed))
     )
@@ -297,7 +296,7 @@ def _supported_trunk(trunk: nn.Module | None) -> bool:
 
 def _recognise_eva02(model: nn.Module) -> bool:
     trunk = _trunk(model)
-    return _supported_trunk(trunk) and trunk.attn_pool is None and trunk.global_pool == "token"
+    return _supported_trunk(trunk) and trunk.attn_pool is None and trunk.global_pool == "token"  # class-token pool
 
 
 def _recognise_pe(model: nn.Module) -> bool:
