@@ -364,6 +364,12 @@ def register_tiny() -> None:
             register_model(fn)
 
 
+#: No segmentation reference exists for these families; what the tests hold the dense path to.
+PARITY = (
+    "timm's own tokens up to the last block (forward_intermediates at the native size, the dynamic-size forward at "
+    "any size) and the value paths against the modules' own single-token outputs (tests/test_family_eva.py)"
+)
+
 EVA02 = register_family(
     Family(
         name="eva02",
@@ -376,6 +382,7 @@ EVA02 = register_family(
         tiny_model="spar-tiny-eva02",
         register_tiny=register_tiny,
         key_fragments=(("visual.trunk.blocks.0.attn.norm.", "an EVA02-CLIP model (timm Eva trunk, sub-LN)"),),
+        parity=PARITY,
         order=30,
     )
 )
@@ -392,6 +399,7 @@ PE = register_family(
         tiny_model="spar-tiny-pe",
         register_tiny=register_tiny,
         key_fragments=(("visual.trunk.norm_pre.", "a Perception Encoder model (timm Eva trunk, pre-norm)"),),
+        parity=PARITY,
         order=29,
     )
 )

@@ -8,6 +8,7 @@ and tiny twin, and how its weight files look. Family modules (``spar_pl/families
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from spar_pl.families.base import DenseEncoder
 
 __all__ = [
     "Family",
+    "config_geometry",
     "families",
     "family_of_config",
     "family_of_keys",
@@ -44,10 +46,13 @@ class Family:
             ``None``; :func:`spar_pl.testing.register_tiny_models` calls it.
         key_fragments: ``(fragment, description)`` pairs: a weight file holding a key containing ``fragment``
             looks like ``description`` (checked across families in :attr:`order`).
-        parity: the test that checks exact parity with a reference implementation, or ``""`` when none does.
+        parity: what the tests check exact parity with (a reference implementation or the reference's semantics)
+            and where, or ``""`` when nothing is checked.
         build: a builder for models open_clip cannot create, ``build(model_name, pretrained, weights,
             head_weights, has_checkpoint) -> DenseEncoder``; ``None`` builds with ``open_clip.create_model``.
         model_names: the names ``build`` knows (families with a builder only).
+        geometry: ``(patch, native size)`` of a model ``build`` knows, without building it (families with a builder
+            only; open_clip models take theirs from their config, :func:`config_geometry`).
         release_weights: ``weights=`` names the family's released pretrained files, never a SPAR export.
         order: recognition order, lower first: a more specific recogniser comes before a more general one.
     """
@@ -65,6 +70,7 @@ class Family:
     parity: str = ""
     build: Callable[..., DenseEncoder] | None = None
     model_names: tuple[str, ...] = ()
+    geometry: Callable[[str], tuple[int, int]] | None = None
     release_weights: bool = False
     order: int = 100
 
@@ -127,6 +133,19 @@ def family_of_model(model: nn.Module, name: str = "the model") -> Family:
 def family_of_config(cfg: dict) -> Family | None:
     """The family whose :attr:`Family.recognise_config` accepts an open_clip model config, or ``None``."""
     return next((f for f in families() if f.recognise_config(cfg)), None)
+
+
+def config_geometry(cfg: dict) -> tuple[int | None, int | None]:
+    """``(patch, native size)`` of an open_clip model config, without building it: ``vision_cfg``'s ``patch_size``
+    or the ``patch<N>`` of its timm model name, and its ``image_size`` (``None`` where the config does not say)."""
+    vision = cfg.get("vision_cfg", {})
+    patch = vision.get("patch_size")
+    if not patch:
+        found = re.search(r"patch(\d+)", str(vision.get("timm_model_name", "")))
+        patch = int(found.group(1)) if found else None
+    size = vision.get("image_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return (int(patch) if patch else None), (int(size) if size else None)
 
 
 def family_of_keys(keys: Iterable[str]) -> tuple[Family | None, str]:
