@@ -630,7 +630,8 @@ def build_encoder(
             authors' legacy MaskCLIP weights), ``siglip2`` or ``dinov3txt``.
         model_name: open_clip model name or ``hf-hub:org/repo`` id; defaults to the backbone's model
             (``docs/method.md`` section 1). ``spar-tiny-clip`` / ``spar-tiny-sl2`` / ``spar-tiny-dinotxt`` build tiny
-            random models.
+            random models. An ``hf-hub:ORG/NAME`` or ``local-dir:PATH`` folder written by ``spar-cli export
+            --hub-dir`` (:mod:`spar_pl.hub`) loads with the backbone and dense semantics of its spar-pl config.
         pretrained: open_clip pretrained tag; ``"default"`` takes the backbone's tag for its default
             model, ``None`` leaves the weights random. Ignored for ``hf-hub:`` ids. For ``dinov3txt`` only
             ``None`` matters: it allows the full-size model without weight files (random weights).
@@ -645,6 +646,16 @@ def build_encoder(
         head_weights: ``dinov3txt`` only: the dino.txt file with the vision head and the text tower
             (``dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth``).
     """
+    if model_name is not None and model_name.startswith(("hf-hub:", "local-dir:")):
+        from spar_pl.hub import hub_encoder
+
+        exported = hub_encoder(model_name, device)  # None: an ordinary open_clip model, built below
+        if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
+            if weights is not None or head_weights is not None:
+                raise ValueError(f"{model_name} holds its own weights: drop the weights files")
+            if checkpoint is not None:
+                load_checkpoint(exported, checkpoint)
+            return exported
     if backbone not in BACKBONES or BACKBONES[backbone]["family"] not in ENCODERS:
         choices = ", ".join(k for k, v in BACKBONES.items() if v["family"] in ENCODERS)
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {choices}")
