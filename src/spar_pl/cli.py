@@ -18,7 +18,8 @@ side over several seeds (``spar_pl.reproduce``); ``spar-cli pretrain-tiny`` re-c
 
 ``spar-cli segment IMAGE_OR_DIR... --classes road car "person, pedestrian" --out DIR`` writes overlays and label
 PNGs for your images (one class per argument, commas list synonyms); ``spar-cli features IMAGE_OR_DIR... --out
-DIR`` writes dense features as safetensors (``--help`` on each).
+DIR`` writes dense features as safetensors (``--help`` on each). ``spar-cli demo`` serves the same in the browser
+(Gradio, ``pip install 'spar-pl[demo]'``).
 """
 
 from __future__ import annotations
@@ -586,6 +587,13 @@ def config(argv: Sequence[str] | None = None) -> str:
     return text
 
 
+def demo(argv: Sequence[str] | None = None):
+    """``spar-cli demo``: segmentation in the browser (Gradio; ``spar_pl.demo``)."""
+    from spar_pl.demo import demo as run
+
+    return run(argv)
+
+
 COMMANDS = {
     "quickstart": quickstart,
     "config": config,
@@ -597,6 +605,7 @@ COMMANDS = {
     "table": table,
     "reproduce-tiny": reproduce_tiny,
     "pretrain-tiny": pretrain_tiny,
+    "demo": demo,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
