@@ -263,3 +263,18 @@ def test_resolve_model_id_leaves_plain_open_clip_ids_alone(tmp_path):
     assert hub.resolve_model_id(f"local-dir:{tmp_path / 'plain'}") is None
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         hub.resolve_model_id(f"local-dir:{tmp_path / 'absent'}")
+
+
+def test_configs_load_an_exported_student_by_model_name(exported, fit_ckpt):
+    """``spar-cli test --config eval/voc21.yaml --config backbones/maskclip.yaml --model.init_args.model_name
+    local-dir:DIR``: the evaluation builds the student from its folder and files its numbers as SPAR."""
+    from spar_pl.cli import lightning_cli
+
+    configs = ROOT / "configs"
+    argv = ["--config", str(configs / "eval/voc21.yaml"), "--config", str(configs / "backbones/maskclip.yaml")]
+    cli = lightning_cli([*argv, "--model.init_args.model_name", f"local-dir:{exported}"], run=False)
+    assert cli.model.encoder.backbone == "maskclip" and cli.model.row == "SPAR"
+    reference = spar_pl.load("maskclip", model_name="spar-tiny-clip", checkpoint=fit_ckpt, device="cpu")
+    with torch.no_grad():
+        x = reference.encoder.normalize(scene()[None])
+        assert torch.equal(cli.model.encoder(x), reference.encoder(x))

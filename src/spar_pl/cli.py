@@ -272,6 +272,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
         token = hubs.hub_token()
     if args.hub_dir is not None:
         hubs.check_out_dir(args.hub_dir, args.force)
+        check_writable(Path(args.hub_dir).absolute().parent, "parent folder of --hub-dir")
     out = None
     if args.out is not None:
         out = _export_weights(Path(args.checkpoint), args.out)
@@ -591,7 +592,7 @@ def demo(argv: Sequence[str] | None = None):
     """``spar-cli demo``: segmentation in the browser (Gradio; ``spar_pl.demo``)."""
     from spar_pl.demo import demo as run
 
-    return run(argv)
+    return run(argv, scene=(SAMPLE_CLASSES, sample_image()))  # a named model starts on the outdoor scene
 
 
 COMMANDS = {

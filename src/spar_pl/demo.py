@@ -190,8 +190,9 @@ def build_app(models: DemoModels):
     return app
 
 
-def load_models(args: argparse.Namespace) -> DemoModels:
-    """The models of ``spar-cli demo``'s options: the shipped tiny model when no model is named."""
+def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Image] | None = None) -> DemoModels:
+    """The models of ``spar-cli demo``'s options: the shipped tiny model when no model is named (with generated
+    shape scenes); a named model starts with ``scene`` (its classes and example image), if given."""
     from spar_pl.api import SPAR, load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,9 +211,8 @@ def load_models(args: argparse.Namespace) -> DemoModels:
     else:
         backbone, model_name = args.backbone, args.model_name
         base = load(backbone, None, device, model_name, pretrained, args.weights, args.head_weights, args.precision)
-        from spar_pl.cli import SAMPLE_CLASSES, sample_image
-
-        classes, examples, name = list(SAMPLE_CLASSES), [sample_image()], base.model_name
+        classes, examples = (list(scene[0]), [scene[1]]) if scene is not None else ([], [])
+        name = base.model_name
     student = None
     if args.student is not None:
         if args.student.startswith(("hf-hub:", "local-dir:")):
@@ -234,9 +234,16 @@ def load_models(args: argparse.Namespace) -> DemoModels:
     )
 
 
-def demo(argv: Sequence[str] | None = None):
-    """``spar-cli demo``: the browser demo (the shipped tiny model by default; the usual model options)."""
-    from spar_pl.cli import _positive_int
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Image] | None = None):
+    """``spar-cli demo``: the browser demo (the shipped tiny model by default; the usual model options). ``scene``:
+    the classes and example image a named model starts with."""
     from spar_pl.encoders import BACKBONES
 
     parser = argparse.ArgumentParser(prog="spar-cli demo", description=__doc__.split("\n\n")[0])
@@ -262,7 +269,7 @@ def demo(argv: Sequence[str] | None = None):
     except ImportError:
         raise SystemExit("spar-cli demo needs Gradio: pip install 'spar-pl[demo]'") from None
     try:
-        models = load_models(args)
+        models = load_models(args, scene)
     except (OSError, ValueError, RuntimeError) as err:
         raise SystemExit(str(err)) from err
     app = build_app(models)

@@ -121,6 +121,7 @@ class SegEvalModule(L.LightningModule):
         hp = self.hparams
         # dinov3txt's weights are the released backbone; SPAR weights come as a checkpoint
         trained = hp.checkpoint or (hp.weights and hp.backbone != "dinov3txt")
+        trained = trained or getattr(self.encoder, "spar_config", None) is not None  # a SPAR student's Hub folder
         if hp.mode != "single":
             kind = "sliding window" if hp.mode == "sliding" else "feature-level sliding window"
             return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
@@ -201,6 +202,7 @@ class SegEvalModule(L.LightningModule):
             "config": {
                 k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
             }
+            | {"backbone": self.encoder.backbone or hp.backbone}  # a Hub folder's spar-pl config sets it
             | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

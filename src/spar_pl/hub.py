@@ -121,14 +121,11 @@ def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
     Raises:
         ValueError: ``out_dir`` is a file, or a folder with files and ``force`` is off.
     """
-    from spar_pl.runner import check_writable
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--hub-dir {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--hub-dir {out} exists and is not empty; pass --force to replace it")
-    check_writable(out.parent, "parent folder of --hub-dir")
     return out
 
 
@@ -503,6 +500,7 @@ def hub_encoder(model_name: str, device: str | torch.device = "cpu"):
     encoder.tokenizer_error = tokenizer_error if encoder.tokenizer is None else None
     encoder.model_name = model_name
     encoder.backbone = backbone
+    encoder.spar_config = config  # marks a distilled student (evaluation rows say "SPAR")
     return encoder.to(device)
 
 
