@@ -423,12 +423,12 @@ def resolve_model_id(model_name: str) -> Path | None:
     if not model_name.startswith("hf-hub:"):
         return None
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id = model_name[len("hf-hub:") :]
     try:
         config = Path(hf_hub_download(repo_id, SPAR_CONFIG))
-    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+    except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError):  # no such file or repo; offline, not cached
         return None
     folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     return folder if (folder / SPAR_CONFIG).is_file() else config.parent
