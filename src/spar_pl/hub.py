@@ -304,6 +304,8 @@ def export_hub_dir(
         ValueError: an unreadable checkpoint, one that does not match the model, a dinov3txt student, a bad
             results file, or an output folder that holds files.
     """
+    import open_clip
+
     from spar_pl import __version__
     from spar_pl.encoders import BACKBONES, build_encoder
     from spar_pl.fileio import save_safetensors, write_text
@@ -323,13 +325,12 @@ def export_hub_dir(
     if pretrained == "default":
         pretrained = defaults["pretrained"] if model_name == defaults["model_name"] else None
     encoder = build_encoder(backbone, model_name, pretrained=pretrained, checkpoint=path)
-    import open_clip
-
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
         raise ValueError(f"open_clip has no config for model {model_name!r}; pass --model-name")
     data = {k: v for k, v in record["datamodule_hyper_parameters"].items() if not k.startswith("_")}
-    dense = getattr(encoder, "dense", "maskclip" if defaults["family"] == "maskclip" else None)
+    # the recipe the student was distilled with (as recorded), else the encoder's; the weights do not depend on it
+    dense = hp.get("dense") or getattr(encoder, "dense", "maskclip" if defaults["family"] == "maskclip" else None)
     spar_config = {
         "format": SPAR_FORMAT,
         "spar_pl_version": __version__,
