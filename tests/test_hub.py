@@ -77,7 +77,7 @@ def test_export_writes_open_clip_hub_layout_spar_config_and_card(exported, fit_c
     card = (exported / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "open_clip" and front["pipeline_tag"] == "image-segmentation"
-    assert front["license"] == "mit" and "spar-pl" in front["tags"]
+    assert front["license"] == "mit" and "spar-pl" in front["tags"] and "\n# hub\n" in card  # titled by the folder
     assert "| pretrained, single pass | 11.5 | - |" in card
     assert "| SPAR | 30.8 |" in card and "crop 64 px, stride 24 px" in card
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -190,8 +190,9 @@ def results_table(paths: Sequence[str | Path]) -> str:
     return "\n".join(parts)
 
 
-def model_card(spar_config: dict, repo_id: str | None, license_id: str, results: str) -> str:
-    """The ``README.md`` of an exported folder: the Hub's YAML metadata, usage, the recipe and the results."""
+def model_card(spar_config: dict, repo_id: str | None, license_id: str, results: str, title: str = "") -> str:
+    """The ``README.md`` of an exported folder: the Hub's YAML metadata, usage, the recipe and the results; the
+    title is the repository's name, else ``title``."""
     base = spar_config["base_model"]
     meta: dict = {
         "library_name": "open_clip",
@@ -227,7 +228,7 @@ def model_card(spar_config: dict, repo_id: str | None, license_id: str, results:
 {header}
 ---
 
-# {name.split("/")[-1]}
+# {name.split("/")[-1] if repo_id else (title or "NAME")}
 
 A SPAR student (Single-Pass Any-Resolution ViT, arXiv 2604.02252) of **{base_name}**, distilled with
 spar-pl: its single forward pass at any resolution is trained to match the sliding-window
@@ -369,7 +370,7 @@ def export_hub_dir(
         config = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(encoder)}
         write_text(tmp / OPEN_CLIP_CONFIG, json.dumps(config, indent=2) + "\n")
         write_text(tmp / SPAR_CONFIG, json.dumps(spar_config, indent=2) + "\n")
-        write_text(tmp / "README.md", model_card(spar_config, repo_id, license_id, results_text))
+        write_text(tmp / "README.md", model_card(spar_config, repo_id, license_id, results_text, out.name))
         if hasattr(encoder.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer (SigLIP2): as open_clip saves it
             encoder.tokenizer.save_pretrained(str(tmp))
         os.chmod(tmp, 0o777 & ~_umask())
