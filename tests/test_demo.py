@@ -18,7 +18,7 @@ gr = pytest.importorskip("gradio", reason="the demo needs the demo extra: pip in
 gradio_client = pytest.importorskip("gradio_client")
 
 from spar_pl.cli import main  # noqa: E402
-from spar_pl.demo import SINGLE, SLIDING, STUDENT, build_app, load_models, segment_request  # noqa: E402
+from spar_pl.demo import SINGLE, SLIDING, STUDENT, build_app, launch_options, load_models, segment_request  # noqa: E402
 from spar_pl.images import to_pil  # noqa: E402
 from spar_pl.scenes import SHAPE_CLASSES, make_scenes  # noqa: E402
 
@@ -41,7 +41,7 @@ def options(**overrides) -> argparse.Namespace:
         crop=None,
         max_side=512,
         max_pixels=200_000,
-        max_file_mb=20,
+        max_file_mb=1,
     )
     return argparse.Namespace(**{**values, **overrides})
 
@@ -62,9 +62,7 @@ def server(models):
     """The demo app on a free localhost port, for the whole module."""
     app = build_app(models)
     port = free_port()
-    app.queue(max_size=16).launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="20mb"
-    )
+    app.queue(max_size=16).launch(**launch_options(models, "127.0.0.1", port), prevent_thread_lock=True, quiet=True)
     yield app, f"http://127.0.0.1:{port}/"
     app.close()
 
@@ -119,6 +117,19 @@ def test_demo_serves_gradio_client_requests(server, scene_file):
     with pytest.raises(gradio_client.exceptions.AppError, match="600x400 = 240,000 pixels"):
         client.predict(gradio_client.handle_file(str(big)), CLASSES, [SINGLE], 512, api_name="/segment")
     assert [fn.concurrency_limit for fn in app.fns.values() if fn.name == "run"] == [1]
+
+
+def test_demo_server_refuses_uploads_over_the_file_size_limit(server, tmp_path):
+    """The server itself (not only the client) refuses an upload over ``--max-file-mb`` (1 MB here)."""
+    import httpx
+
+    _, url = server
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 600, 3), dtype=np.uint8)).save(noise)
+    assert noise.stat().st_size > 2**20
+    with noise.open("rb") as fh:
+        reply = httpx.post(f"{url}gradio_api/upload", files={"files": ("noise.png", fh, "image/png")})
+    assert reply.status_code == 413 and "maximum allowed size" in reply.text
 
 
 def test_demo_command_errors_are_one_line(tmp_path, capsys):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DemoModels", "build_app", "demo", "load_models", "segment_request"]
+__all__ = ["DemoModels", "build_app", "demo", "launch_options", "load_models", "segment_request"]
 
 #: The modes a user can tick, in display order: (label, which model, segment mode).
 SINGLE, SLIDING, STUDENT = "single pass", "sliding window", "SPAR student"
@@ -274,7 +274,10 @@ def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Im
         raise SystemExit(str(err)) from err
     app = build_app(models)
     print(f"spar-cli demo: {models.name} on {models.base.device}; http://{args.host}:{args.port} (Ctrl+C stops)")
-    app.queue(max_size=16).launch(
-        server_name=args.host, server_port=args.port, max_file_size=f"{args.max_file_mb}mb", show_error=True
-    )
+    app.queue(max_size=16).launch(**launch_options(models, args.host, args.port))
     return app
+
+
+def launch_options(models: DemoModels, host: str, port: int) -> dict:
+    """``launch`` arguments of the demo's server: where it listens and the upload size limit it enforces."""
+    return {"server_name": host, "server_port": port, "max_file_size": f"{models.max_file_mb}mb", "show_error": True}
