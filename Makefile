@@ -8,7 +8,7 @@ PYTHON ?= python3
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 .PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny table-tiny-dinotxt \
-	reproduce-tiny pretrain-tiny
+	reproduce-tiny pretrain-tiny demo
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -59,6 +59,10 @@ reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window
 
 pretrain-tiny: install ## Re-create the shipped tiny pretrained model (src/spar_pl/pretrained/; 11 min on 1 thread of a shared CPU)
 	$(VENV)/bin/spar-cli pretrain-tiny
+
+DEMO_ARGS ?=
+demo: install ## Segmentation in the browser (Gradio) with the shipped tiny model; DEMO_ARGS="--model-name ... --student CKPT"
+	$(VENV)/bin/spar-cli demo $(DEMO_ARGS)
 
 clean: ## Remove the virtual environment and build leftovers
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -203,6 +203,7 @@ def entry_points(path: Path, tmp_path: Path) -> dict[str, list[str]]:
         "segment": ["segment", str(tmp_path / "scene.png"), "--classes", "sky", "grass", *common, "--out", "seg"],
         "features": ["features", str(tmp_path / "scene.png"), *common, "--out", str(tmp_path / "feats")],
         "export": ["export", str(path), str(tmp_path / "exported.safetensors")],
+        "export --hub-dir": ["export", str(path), "--hub-dir", str(tmp_path / "hub"), "--force", *common[2:4]],
     }
 
 

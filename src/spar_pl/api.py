@@ -189,12 +189,16 @@ def load(
 
     Args:
         backbone: a paper preset (``siglip2``, ``maskclip``, ``maskclip-legacy``, ``dinov3txt``) or a family name;
-            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``).
+            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``). An
+            ``hf-hub:ORG/NAME`` / ``local-dir:PATH`` id of an exported student is taken as ``model_name``.
         checkpoint: a SPAR checkpoint (authors' ``.ckpt``, ``spar-cli fit`` checkpoint or ``spar-cli export``
             safetensors), loaded strictly; ``None`` keeps the pretrained (not distilled) weights.
         device: ``cuda`` when available, else ``cpu``, by default.
         model_name: open_clip name or ``hf-hub:`` id; the backbone's default model if ``None``
             (``spar-tiny-sl2`` / ``spar-tiny-clip`` / ``spar-tiny-dinotxt`` build tiny random models for tests).
+            A SPAR student exported with ``spar-cli export --hub-dir`` loads by ``hf-hub:ORG/NAME`` (online, or
+            from the Hugging Face cache with ``HF_HUB_OFFLINE=1``) or ``local-dir:PATH``, with the backbone and
+            dense semantics of its spar-pl config (``backbone`` is then not used).
         pretrained: open_clip pretrained tag (``"default"``: the backbone's own).
         weights: a local open_clip weights file, for offline use; for ``dinov3txt`` the DINOv3 backbone file.
         head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
@@ -205,6 +209,8 @@ def load(
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
         ValueError: the checkpoint is unreadable or does not match the model.
     """
+    if backbone.startswith(("hf-hub:", "local-dir:")) and model_name is None:  # load("hf-hub:ORG/NAME")
+        backbone, model_name = "siglip2", backbone  # the export's spar-pl config sets the backbone
     for kind, path in (("checkpoint", checkpoint), ("weights file", weights), ("head weights file", head_weights)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{kind} not found: {path}")
@@ -220,7 +226,7 @@ def load(
         checkpoint=checkpoint,
         head_weights=head_weights,
     )
-    return SPAR(encoder, encoder.backbone, checkpoint=checkpoint, precision=precision)
+    return SPAR(encoder, encoder.backbone or backbone, checkpoint=checkpoint, precision=precision)
 
 
 #: Inference precisions, by Lightning's names.

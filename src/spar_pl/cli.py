@@ -19,7 +19,8 @@ side over several seeds (``spar_pl.reproduce``); ``spar-cli pretrain-tiny`` re-c
 
 ``spar-cli segment IMAGE_OR_DIR... --classes road car "person, pedestrian" --out DIR`` writes overlays and label
 PNGs for your images (one class per argument, commas list synonyms); ``spar-cli features IMAGE_OR_DIR... --out
-DIR`` writes dense features as safetensors (``--help`` on each).
+DIR`` writes dense features as safetensors (``--help`` on each). ``spar-cli demo`` serves the same in the browser
+(Gradio, ``pip install 'spar-pl[demo]'``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -241,15 +243,71 @@ def distill_demo(root: Path) -> dict[str, float]:
 
 def export(argv: Sequence[str] | None = None) -> Path:
     """``spar-cli export CKPT OUT``: the model's open_clip weights from a SPAR checkpoint (a ``spar-cli fit``
-    checkpoint's student, an authors' ``.ckpt``, ...) as safetensors; the file is read safely, never unpickled."""
+    checkpoint's student, an authors' ``.ckpt``, ...) as safetensors; the file is read safely, never unpickled.
+    ``spar-cli export CKPT --hub-dir DIR [--results FILE.json ...] [--push-to-hub ORG/NAME]``: a Hugging Face Hub
+    model folder (open_clip's Hub files, a spar-pl config and a model card; ``spar_pl.hub``), uploaded with
+    ``huggingface_hub`` when asked."""
     parser = argparse.ArgumentParser(prog="spar-cli export", description=export.__doc__)
     parser.add_argument("checkpoint", help="a SPAR checkpoint (.ckpt of spar-cli fit or of the authors)")
-    parser.add_argument("out", help="output .safetensors file, loadable with build_encoder(weights=...)")
+    parser.add_argument("out", nargs="?", default=None, help="output .safetensors file, for build_encoder(weights=...)")
+    hub = parser.add_argument_group("Hugging Face Hub")
+    hub.add_argument("--hub-dir", default=None, help="write a Hub model folder here (refused if it holds files)")
+    hub.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the Hub folder to this repo")
+    hub.add_argument("--private", action="store_true", help="create the Hub repository private")
+    hub.add_argument(
+        "--backbone", default=None, choices=backbone_names(), help="for checkpoints recording none (the authors')"
+    )
+    hub.add_argument("--model-name", default=None, help="base open_clip model (default: the checkpoint's)")
+    hub.add_argument("--results", nargs="+", default=[], metavar="JSON", help="spar-cli test/table results files")
+    hub.add_argument("--license", default="other", help="the model card's license id (default: other)")
+    hub.add_argument("--force", action="store_true", help="replace a --hub-dir that holds files")
     args = parser.parse_args(argv)
+    to_hub = args.hub_dir is not None or args.push_to_hub is not None
+    if args.out is None and not to_hub:
+        parser.error("give OUT (a .safetensors file), --hub-dir DIR and/or --push-to-hub ORG/NAME")
+    hub_only = {"--backbone": args.backbone, "--model-name": args.model_name, "--results": args.results or None}
+    hub_only.update({"--force": args.force or None, "--private": args.private or None})
+    if not to_hub and any(v is not None for v in hub_only.values()):
+        given = ", ".join(k for k, v in hub_only.items() if v is not None)
+        parser.error(f"{given}: for --hub-dir / --push-to-hub only")
+    from spar_pl import hub as hubs
+
+    token = None
+    if args.push_to_hub is not None:  # before any work: a bad id or a missing token
+        hubs.check_repo_id(args.push_to_hub)
+        token = hubs.hub_token()
+    if args.hub_dir is not None:
+        hubs.check_out_dir(args.hub_dir, args.force)
+        check_writable(Path(args.hub_dir).absolute().parent, "parent folder of --hub-dir")
+    out = None
+    if args.out is not None:
+        out = _export_weights(Path(args.checkpoint), args.out)
+    if not to_hub:
+        return out
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = hubs.export_hub_dir(
+            args.checkpoint,
+            args.hub_dir or Path(scratch) / "model",
+            backbone=args.backbone,
+            model_name=args.model_name,
+            results=args.results,
+            license_id=args.license,
+            repo_id=args.push_to_hub,
+            force=args.force,
+        )
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        print(f"wrote {folder}: {', '.join(files)}")
+        if args.push_to_hub is not None:
+            url = hubs.push_hub_dir(folder, args.push_to_hub, token, args.private)
+            print(f"uploaded to {url}")
+    return Path(args.hub_dir) if args.hub_dir else Path(args.push_to_hub)
+
+
+def _export_weights(path: Path, out: str) -> Path:
+    """The open_clip weights of a SPAR checkpoint as one safetensors file (``spar-cli export CKPT OUT``)."""
     from spar_pl.fileio import save_safetensors
     from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
-    path = Path(args.checkpoint)
     state, prefix = strip_layout(read_state_dict(path), set())  # errors: one line from spar-cli's main
     if not prefix:
         raise ValueError(
@@ -257,9 +315,9 @@ def export(argv: Sequence[str] | None = None) -> Path:
             "is already loadable with --weights"
         )
     weights = {k: v.contiguous() for k, v in state.items()}
-    out = save_safetensors(weights, args.out, {"source": str(path), "format": "open_clip", "layout": prefix})
-    print(f"wrote {len(weights)} tensors ({LAYOUTS[prefix]}) to {out}")
-    return out
+    written = save_safetensors(weights, out, {"source": str(path), "format": "open_clip", "layout": prefix})
+    print(f"wrote {len(weights)} tensors ({LAYOUTS[prefix]}) to {written}")
+    return written
 
 
 def tiny_data(argv: Sequence[str] | None = None) -> None:
@@ -548,6 +606,13 @@ def config(argv: Sequence[str] | None = None) -> str:
     return text
 
 
+def demo(argv: Sequence[str] | None = None):
+    """``spar-cli demo``: segmentation in the browser (Gradio; ``spar_pl.demo``)."""
+    from spar_pl.demo import demo as run
+
+    return run(argv, scene=(SAMPLE_CLASSES, sample_image()))  # a named model starts on the outdoor scene
+
+
 COMMANDS = {
     "quickstart": quickstart,
     "config": config,
@@ -560,6 +625,7 @@ COMMANDS = {
     "table": table,
     "reproduce-tiny": reproduce_tiny,
     "pretrain-tiny": pretrain_tiny,
+    "demo": demo,
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

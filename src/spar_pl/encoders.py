@@ -107,12 +107,13 @@ def build_encoder(
             named either, the ``siglip2`` preset.
         model_name: open_clip model name or ``hf-hub:org/repo`` id; defaults to the backbone's model
             (``docs/method.md`` section 1). ``spar-tiny-*`` names build the tiny models (each family's twin, and
-            ``spar-tiny-p8``, which loads its shipped weights).
+            ``spar-tiny-p8``, which loads its shipped weights). An ``hf-hub:ORG/NAME`` or ``local-dir:PATH`` folder
+            written by ``spar-cli export --hub-dir`` (:mod:`spar_pl.hub`) loads with the backbone and dense semantics
+            of its spar-pl config.
         pretrained: open_clip pretrained tag; ``"default"`` takes the backbone's tag for its default model (a tiny
             model's shipped weights); ``None`` (or ``"none"``) leaves the weights random. Ignored for ``hf-hub:``
-            ids. For
-            ``dinov3txt`` only ``None`` matters: it allows the full-size model without weight files. A model built
-            without any weights says "random weights" in one logged warning.
+            ids. For ``dinov3txt`` only ``None`` matters: it allows the full-size model without weight files. A model
+            built without any weights says "random weights" in one logged warning.
         weights: a local open_clip weights file (``.safetensors``, ``.pt``, ``.bin``), for offline use;
             overrides ``pretrained``. For ``dinov3txt``: the DINOv3 ViT-L/16 backbone file
             (``dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth``).
@@ -129,6 +130,16 @@ def build_encoder(
         FileNotFoundError: a weights, checkpoint or head-weights file that does not exist.
         RuntimeError: open_clip could not build the model (the message names it and the weights).
     """
+    if model_name is not None and model_name.startswith(("hf-hub:", "local-dir:")):
+        from spar_pl.hub import hub_encoder
+
+        exported = hub_encoder(model_name, device)  # None: an ordinary open_clip model, built below
+        if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
+            if weights is not None or head_weights is not None:
+                raise ValueError(f"{model_name} holds its own weights: drop the weights files")
+            if checkpoint is not None:
+                load_checkpoint(exported, checkpoint)
+            return exported
     if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
         pretrained = None  # the command line's and the configs' spelling of "no pretrained weights"
     if backbone is None and model_name is None:

@@ -123,6 +123,7 @@ class SegEvalModule(L.LightningModule):
         hp = self.hparams
         # a family whose weights file is its released backbone (dinov3txt) has SPAR weights only as a checkpoint
         trained = hp.checkpoint or (hp.weights and not get_family(self.encoder.family).release_weights)
+        trained = trained or getattr(self.encoder, "spar_config", None) is not None  # a SPAR student's Hub folder
         if hp.mode != "single":
             kind = "sliding window" if hp.mode == "sliding" else "feature-level sliding window"
             return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
