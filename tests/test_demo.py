@@ -29,7 +29,7 @@ CLASSES = "\n".join(SHAPE_CLASSES)
 def options(**overrides) -> argparse.Namespace:
     """``spar-cli demo``'s defaults: the shipped tiny model."""
     values = dict(
-        backbone="siglip2",
+        backbone=None,
         model_name=None,
         pretrained=None,
         weights=None,

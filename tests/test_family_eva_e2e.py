@@ -15,13 +15,8 @@ import spar_pl
 from spar_pl.cli import main
 from spar_pl.distill import DistillModule
 from spar_pl.encoders import build_encoder
-from spar_pl.families import eva
-
-try:  # the family registry (spar_pl.families' package API) picks the family from the model
-    from spar_pl.families import family_of_keys, get_family
-    from spar_pl.testing import TINY_MODELS, write_sample_images, write_tiny_benchmarks
-except ImportError:
-    pytest.skip("needs the family registry's package API (spar_pl.families.family_of_keys)", allow_module_level=True)
+from spar_pl.families import eva, family_of_keys, get_family
+from spar_pl.testing import TINY_MODELS, write_sample_images, write_tiny_benchmarks
 
 from .helpers import fit_args
 

@@ -69,7 +69,7 @@ def test_export_writes_open_clip_hub_layout_spar_config_and_card(exported, fit_c
     assert config["model_cfg"] == tiny_cfg
     assert config["preprocess_cfg"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     spar = json.loads((exported / "spar_pl_config.json").read_text())
-    assert (spar["backbone"], spar["family"], spar["dense"]) == ("maskclip", "maskclip", "maskclip")
+    assert (spar["backbone"], spar["family"], spar["dense"]) == ("maskclip", "clip", "maskclip")
     assert spar["patch_size"] == 16
     assert spar["teacher"] == {"crop": 64, "stride": 24, "window_batch": 32}
     assert spar["training"]["trainable"] == "blk_-1,blk_-2" and spar["training"]["global_step"] == 2

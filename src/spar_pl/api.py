@@ -209,8 +209,8 @@ def load(
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
         ValueError: the checkpoint is unreadable or does not match the model.
     """
-    if backbone.startswith(("hf-hub:", "local-dir:")) and model_name is None:  # load("hf-hub:ORG/NAME")
-        backbone, model_name = "siglip2", backbone  # the export's spar-pl config sets the backbone
+    if model_name is None and backbone is not None and backbone.startswith(("hf-hub:", "local-dir:")):
+        backbone, model_name = None, backbone  # load("hf-hub:ORG/NAME"): the export's spar-pl config sets the backbone
     for kind, path in (("checkpoint", checkpoint), ("weights file", weights), ("head weights file", head_weights)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{kind} not found: {path}")

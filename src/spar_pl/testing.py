@@ -54,6 +54,8 @@ TINY_GEOMETRIES: dict[str, tuple[str, int, int]] = {
     "spar-tiny-clip-p32": ("clip", 32, 64),
     "spar-tiny-sl2": ("siglip", 16, 64),
     "spar-tiny-sl2-p14": ("siglip", 14, 64),
+    "spar-tiny-eva02": ("eva02", 14, 64),
+    "spar-tiny-pe": ("pe", 16, 64),
 }
 
 #: open_clip configs of the tiny models (``spar-tiny-clip``, ``spar-tiny-sl2``, ...) and of the shipped pretrained
