@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from spar_pl.encoders import BACKBONES, build_encoder
 from spar_pl.images import read_image, to_pil
 from spar_pl.openvocab import OpenVocabHead
+from spar_pl.recipes import RECIPES
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
 from spar_pl.sliding import dense_features, window_starts
@@ -92,6 +93,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-distill", action="store_true", help="skip the tiny distillation and table stages")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
+    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
     args = parser.parse_args(argv)
     from spar_pl.api import autocast
 
@@ -104,6 +106,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         from spar_pl.scenes import SHAPE_CLASSES
 
         encoder, name, args.backbone = load_tiny(device=device), TINY_MODEL, "maskclip"
+        encoder.dense = args.dense or encoder.dense
         classes = args.classes or list(SHAPE_CLASSES)
     else:
         args.backbone = args.backbone or "siglip2"
@@ -119,6 +122,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
                 weights=args.weights,
                 device=device,
                 head_weights=args.head_weights,
+                dense=args.dense,
             )
         except (OSError, ValueError, RuntimeError) as err:
             raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
@@ -334,6 +338,7 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument(
         "--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"), help="autocast of the encoder"
     )
+    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
     return parser
 
 
@@ -352,6 +357,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes
             args.weights,
             args.head_weights,
             args.precision,
+            dense=args.dense,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err

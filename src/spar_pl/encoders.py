@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from spar_pl.recipes import RECIPES, check_recipe, unused_block_parameters
 from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict
 
 __all__ = [
@@ -222,12 +223,18 @@ class DenseEncoder(nn.Module):
 
 
 class MaskCLIPEncoder(DenseEncoder):
-    """MaskCLIP dense features from an open_clip ViT CLIP (value path in the last block)."""
+    """Dense features from an open_clip ViT CLIP: MaskCLIP's value path in the last block, or another dense recipe.
+
+    Args:
+        dense: the last block's recipe (:data:`spar_pl.recipes.RECIPES`): ``maskclip`` (value path, SPAR's),
+            ``sclip``, ``clearclip`` or ``naclip``.
+    """
 
     default_mean = CLIP_MEAN
     default_std = CLIP_STD
 
-    def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None) -> None:
+    def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None, dense: str = "maskclip") -> None:
+        check_recipe(dense)
         visual = getattr(model, "visual", None)
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise TypeError(f"MaskCLIPEncoder needs an open_clip ViT CLIP, got a vision tower {type(visual).__name__}")
@@ -236,6 +243,7 @@ class MaskCLIPEncoder(DenseEncoder):
             raise TypeError("MaskCLIPEncoder supports blocks with nn.MultiheadAttention (standard open_clip ViTs)")
         super().__init__(model, tokenizer, mean, std)
         self.patch_size = int(visual.conv1.kernel_size[0])
+        self.dense = dense
 
     @property
     def embed_dim(self) -> int:
@@ -284,18 +292,13 @@ class MaskCLIPEncoder(DenseEncoder):
             x = blk(x)
         if not batch_first:
             x = x.transpose(0, 1)
-        x = self._value_block(self.blocks[-1], x)
+        x = RECIPES[self.dense](self.blocks[-1], x, h, w)
         x = v.ln_post(x) @ v.proj
         return x[:, 1:].reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
-    @staticmethod
-    def _value_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The last block with attention replaced by its value projection (MaskCLIP)."""
-        attn: nn.MultiheadAttention = blk.attn
-        dim = x.shape[-1]
-        value = F.linear(blk.ln_1(x), attn.in_proj_weight[2 * dim :], attn.in_proj_bias[2 * dim :])
-        x = x + blk.ls_1(attn.out_proj(value))
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """The last block's feed-forward (and ``ln_2``) under a recipe that drops it (ClearCLIP, NACLIP)."""
+        return unused_block_parameters(self.dense, self.blocks[-1])
 
 
 class SigLIP2Encoder(DenseEncoder):
@@ -622,6 +625,7 @@ def build_encoder(
     device: str | torch.device = "cpu",
     checkpoint: str | Path | None = None,
     head_weights: str | Path | None = None,
+    dense: str | None = None,
 ) -> DenseEncoder:
     """Build a dense encoder the way users name models.
 
@@ -644,7 +648,12 @@ def build_encoder(
             file or a plain state dict. The pretrained weights are then not fetched.
         head_weights: ``dinov3txt`` only: the dino.txt file with the vision head and the text tower
             (``dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth``).
+        dense: the last block's dense recipe (:mod:`spar_pl.recipes`: ``maskclip``, ``sclip``, ``clearclip``,
+            ``naclip``) for the open_clip ViT CLIP family; ``None`` keeps the family's own dense path (MaskCLIP's
+            for ``maskclip``). Other families have one fixed dense path: a recipe there is an error.
     """
+    if dense is not None:
+        check_dense_family(backbone, dense)
     if backbone not in BACKBONES or BACKBONES[backbone]["family"] not in ENCODERS:
         choices = ", ".join(k for k, v in BACKBONES.items() if v["family"] in ENCODERS)
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {choices}")
@@ -658,10 +667,31 @@ def build_encoder(
         if head_weights is not None:
             raise ValueError(f"head_weights is for backbone 'dinov3txt' only, not {backbone!r}")
         encoder = _build_open_clip(backbone, model_name, pretrained, weights, device, checkpoint)
+    if dense is not None:
+        encoder.dense = dense
     encoder.backbone = backbone
     if checkpoint is not None:
         load_checkpoint(encoder, checkpoint)
     return encoder
+
+
+#: Why a dense recipe does not apply to a family other than the open_clip ViT CLIP (``maskclip``).
+NO_RECIPE = {
+    "siglip2": "SigLIP2's dense path bypasses a multi-head attention pool, not a CLIP block with a class token",
+    "dinov3txt": "DINOv3.txt's dense features are the backbone's final-normed patch tokens (no CLIP last block)",
+}
+
+
+def check_dense_family(backbone: str, dense: str) -> None:
+    """``ValueError`` unless the dense recipe ``dense`` applies to ``backbone``'s family (open_clip ViT CLIP)."""
+    check_recipe(dense)
+    family = BACKBONES.get(backbone, {}).get("family")
+    if family is not None and family != "maskclip":
+        reason = NO_RECIPE.get(family, f"the {family} family has its own dense path")
+        raise ValueError(
+            f"dense recipe {dense!r} applies to open_clip ViT CLIP models (maskclip backbones), not to backbone "
+            f"{backbone!r} (family {family}): {reason}"
+        )
 
 
 def _build_open_clip(

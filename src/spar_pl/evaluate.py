@@ -52,6 +52,9 @@ class SegEvalModule(L.LightningModule):
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
         protocol_overrides: removed (it raises): per-benchmark protocols are eval configs now.
+        dense: ``maskclip`` backbones: the last block's dense recipe (``maskclip``, ``sclip``, ``clearclip``,
+            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own. Results then go to
+            ``<backbone>-<dense>.json`` unless ``results_name`` is set.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SegEvalModule(L.LightningModule):
         results_dir: str | None = "results",
         results_name: str | None = None,
         protocol_overrides: dict | None = None,
+        dense: str | None = None,
     ) -> None:
         super().__init__()
         if protocol_overrides is not None:  # an argument of earlier versions: say where its setting went
@@ -94,6 +98,7 @@ class SegEvalModule(L.LightningModule):
             weights=weights,
             checkpoint=checkpoint,
             head_weights=head_weights,
+            dense=dense,
         ).eval()
         if mode != "single":  # a window the fold cannot take fails here, before any data is read
             check_window(int(crop or self.encoder.native_size), stride, self.encoder.patch_size, window_batch)
@@ -201,6 +206,7 @@ class SegEvalModule(L.LightningModule):
             "config": {
                 k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
             }
+            | ({"dense": hp.dense} if hp.dense is not None else {})
             | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -209,4 +215,5 @@ class SegEvalModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
         hp = self.hparams
-        return [ResultsFile(hp.results_dir, hp.results_name or hp.backbone)] if hp.results_dir else []
+        default = hp.backbone if hp.dense is None else f"{hp.backbone}-{hp.dense}"
+        return [ResultsFile(hp.results_dir, hp.results_name or default)] if hp.results_dir else []
