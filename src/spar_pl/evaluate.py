@@ -55,6 +55,10 @@ class SegEvalModule(L.LightningModule):
         dense: ``maskclip`` backbones: the last block's dense recipe (``maskclip``, ``sclip``, ``clearclip``,
             ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own. Results then go to
             ``<backbone>-<dense>.json`` unless ``results_name`` is set.
+        pamr_steps: PAMR iterations on the logits before the mask rule (``OpenVocabHead``; NACLIP's protocol: 10);
+            0: none.
+        pamr_dilations: PAMR's dilations (NACLIP's: 8 and 16).
+        row_label: the table row of this run (default: from mode, stride and checkpoint; :attr:`row`).
     """
 
     def __init__(
@@ -77,6 +81,9 @@ class SegEvalModule(L.LightningModule):
         results_name: str | None = None,
         protocol_overrides: dict | None = None,
         dense: str | None = None,
+        pamr_steps: int = 0,
+        pamr_dilations: tuple[int, ...] = (8, 16),
+        row_label: str | None = None,
     ) -> None:
         super().__init__()
         if protocol_overrides is not None:  # an argument of earlier versions: say where its setting went
@@ -91,6 +98,8 @@ class SegEvalModule(L.LightningModule):
         self.save_hyperparameters()
         #: the mask rule's settings (``configs/eval/*.yaml``: the published protocol of each benchmark)
         self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
+        if pamr_steps:  # NACLIP's post-processing (recorded in the results only when on)
+            self.protocol |= {"pamr_steps": pamr_steps, "pamr_dilations": list(pamr_dilations)}
         self.encoder = build_encoder(
             backbone,
             model_name,
@@ -124,6 +133,8 @@ class SegEvalModule(L.LightningModule):
     def row(self) -> str:
         """The table row this configuration belongs to."""
         hp = self.hparams
+        if hp.row_label:
+            return hp.row_label
         # dinov3txt's weights are the released backbone; SPAR weights come as a checkpoint
         trained = hp.checkpoint or (hp.weights and hp.backbone != "dinov3txt")
         if hp.mode != "single":
