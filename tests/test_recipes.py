@@ -1,7 +1,7 @@
 """Dense recipes (spar_pl.recipes) on a tiny CLIP against a plain re-implementation of their definitions.
 
-The reference below is written from the definitions (``docs/method.md`` section 7), token by token and head by
-head with explicit softmaxes and loops over grid positions, independently of ``spar_pl.recipes``.
+The reference below is written from the definitions (``docs/method.md`` section "Dense recipes"), token by token
+and head by head with explicit softmaxes and loops over grid positions, independently of ``spar_pl.recipes``.
 """
 
 from __future__ import annotations

@@ -472,6 +472,7 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--distill-batch", type=_positive_int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--dense", default=None, choices=RECIPES, help="last-block recipe (reproduce-tiny-DENSE.md)")
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")  # before minutes of work
     return run(
@@ -483,6 +484,7 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
         args.distill_batch,
         args.lr,
         args.threads,
+        dense=args.dense,
     )
 
 

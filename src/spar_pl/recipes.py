@@ -1,8 +1,8 @@
 """Dense recipes: what the last block of an open_clip ViT CLIP computes for dense features.
 
 The training-free open-vocabulary segmenters built on CLIP run every block but the last as usual and replace
-the last block (``docs/method.md`` section 7). With ``q, k, v`` the last block's ``in_proj`` of ``ln_1(x)`` split
-into heads and ``s = head_dim ** -0.5``:
+the last block (``docs/method.md`` section "Dense recipes"). With ``q, k, v`` the last block's ``in_proj`` of
+``ln_1(x)`` split into heads and ``s = head_dim ** -0.5``:
 
 * ``maskclip`` (SPAR's, the default): ``x + out_proj(v)``, then the feed-forward with its residual.
 * ``sclip``: ``x + out_proj((softmax(q q^T s) + softmax(k k^T s)) v)``, then the feed-forward with its residual.
