@@ -138,3 +138,20 @@ def test_attention_only_recipes_train_what_they_use(recipe):
     for name, param in encoder.named_parameters():
         if param.requires_grad:
             assert param.grad is not None, name
+
+
+def test_cli_dense_on_another_family_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from spar_pl.cli import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(image)
+    args = ["segment", str(image), "--classes", "sky", "grass", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--backbone", "siglip2", "--model-name", "spar-tiny-sl2", "--dense", "naclip"])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dense recipe 'naclip'" in err[0] and "siglip2" in err[0]
+    main([*args, "--backbone", "maskclip", "--model-name", "spar-tiny-clip", "--dense", "naclip"])
+    assert (tmp_path / "out" / "a_labels.png").is_file()
