@@ -8,7 +8,7 @@ PYTHON ?= python3
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 .PHONY: help install quickstart test test-fast lint format clean bench bench-quick table table-tiny table-tiny-dinotxt \
-	reproduce-tiny pretrain-tiny demo
+	reproduce-tiny pretrain-tiny demo table-recipes table-tiny-recipes
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,13 @@ table-tiny: install ## The same on tiny generated benchmarks with a tiny model a
 
 table-tiny-dinotxt: install ## The same with the DINOv3.txt tiny twin (CPU) -> results/dinov3txt-tiny.md
 	$(VENV)/bin/spar-cli table --backbone dinov3txt --tiny
+
+RECIPES := sclip clearclip naclip
+table-recipes: install ## SCLIP, ClearCLIP and NACLIP tables at their own protocols: 24 evaluations each [CKPT_<recipe>=spar.ckpt] -> results/<recipe>.md
+	for r in $(RECIPES); do ckpt=CKPT_$$r; $(VENV)/bin/spar-cli table --backbone $$r $${!ckpt:+--ckpt $${!ckpt}} || exit 1; done
+
+table-tiny-recipes: install ## The three recipe tables on tiny generated benchmarks with tiny distillations (CPU, about 4 min) -> results/<recipe>-tiny.md
+	for r in $(RECIPES); do $(VENV)/bin/spar-cli table --backbone $$r --tiny || exit 1; done
 
 reproduce-tiny: install ## SPAR's effect on a CPU: single pass vs sliding window vs SPAR, 3 seeds (shipped tiny model; about 3 min) -> results/reproduce-tiny.md, .png
 	$(VENV)/bin/spar-cli reproduce-tiny --out results

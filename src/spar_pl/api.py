@@ -184,6 +184,7 @@ def load(
     weights: str | Path | None = None,
     head_weights: str | Path | None = None,
     precision: str = "32-true",
+    dense: str | None = None,
 ) -> SPAR:
     """Build a SPAR model for inference.
 
@@ -204,6 +205,8 @@ def load(
         head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         precision: Lightning's names: ``32-true`` (float32), ``bf16-mixed`` or ``16-mixed`` (autocast around the
             encoder and the sliding window; the text similarity and mask rule stay float32).
+        dense: the last block's dense recipe for ``maskclip`` backbones (``maskclip``, ``sclip``, ``clearclip``,
+            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own.
 
     Raises:
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
@@ -225,6 +228,7 @@ def load(
         device=device,
         checkpoint=checkpoint,
         head_weights=head_weights,
+        dense=dense,
     )
     return SPAR(encoder, encoder.backbone or backbone, checkpoint=checkpoint, precision=precision)
 

@@ -42,6 +42,7 @@ from spar_pl.encoders import BACKBONES, build_encoder
 from spar_pl.families import backbone_family, backbone_names
 from spar_pl.images import read_image, to_pil
 from spar_pl.openvocab import OpenVocabHead
+from spar_pl.recipes import RECIPES
 from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
 from spar_pl.sliding import dense_features, window_starts
@@ -96,6 +97,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-distill", action="store_true", help="skip the tiny distillation and table stages")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
+    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
     args = parser.parse_args(argv)
     from spar_pl.api import autocast
 
@@ -108,6 +110,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         from spar_pl.scenes import SHAPE_CLASSES
 
         encoder, name, args.backbone = load_tiny(device=device), TINY_MODEL, "maskclip"
+        encoder.dense = args.dense or encoder.dense
         classes = args.classes or list(SHAPE_CLASSES)
     else:
         if args.model_name is None:
@@ -126,6 +129,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
                 weights=args.weights,
                 device=device,
                 head_weights=args.head_weights,
+                dense=args.dense,
             )
         except (OSError, ValueError, RuntimeError) as err:
             raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
@@ -403,6 +407,7 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument(
         "--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"), help="autocast of the encoder"
     )
+    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
     return parser
 
 
@@ -421,6 +426,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes
             args.weights,
             args.head_weights,
             args.precision,
+            dense=args.dense,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err
@@ -535,6 +541,7 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--distill-batch", type=_positive_int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--dense", default=None, choices=RECIPES, help="last-block recipe (reproduce-tiny-DENSE.md)")
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")  # before minutes of work
     return run(
@@ -546,6 +553,7 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
         args.distill_batch,
         args.lr,
         args.threads,
+        dense=args.dense,
     )
 
 

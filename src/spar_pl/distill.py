@@ -45,6 +45,8 @@ class DistillModule(L.LightningModule):
         teacher_cache: a teacher-feature cache folder (``spar-cli cache`` fills it); ``None`` runs the teacher
             in every training step. Entries missing, corrupt or written under another configuration are
             recomputed and rewritten. Needs the data module's ``fixed`` augmentation and batch size 1.
+        dense: ``maskclip`` backbones: the last block's dense recipe of teacher and student alike (``maskclip``,
+            ``sclip``, ``clearclip``, ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own.
     """
 
     def __init__(
@@ -61,11 +63,12 @@ class DistillModule(L.LightningModule):
         lr: float = 2e-5,
         weight_decay: float = 1e-4,
         teacher_cache: str | None = None,
+        dense: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.student: DenseEncoder = build_encoder(
-            backbone, model_name, pretrained=pretrained, weights=weights, head_weights=head_weights
+            backbone, model_name, pretrained=pretrained, weights=weights, head_weights=head_weights, dense=dense
         )
         self.trainable_names = self.student.set_trainable(trainable)
         # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
@@ -132,6 +135,8 @@ class DistillModule(L.LightningModule):
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
             "reader": READER_VERSION,  # how the images were decoded
         }
+        if hp.dense not in (None, "maskclip"):  # another last block: other teacher features
+            manifest["dense"] = hp.dense
         return TeacherCache(hp.teacher_cache, manifest, owner)
 
     def setup(self, stage: str) -> None:

@@ -26,7 +26,7 @@ import open_clip
 import torch
 from torch import nn
 
-from spar_pl.families import BACKBONES, Family, backbone_family, families, family_of_model
+from spar_pl.families import BACKBONES, Family, backbone_family, families, family_of_model, get_family
 from spar_pl.families.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -46,6 +46,7 @@ from spar_pl.families.dinotxt import (
     describe_state_dict,
 )
 from spar_pl.families.siglip import SigLIP2Encoder
+from spar_pl.recipes import check_recipe
 from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict
 
 __all__ = [
@@ -96,6 +97,7 @@ def build_encoder(
     device: str | torch.device = "cpu",
     checkpoint: str | Path | None = None,
     head_weights: str | Path | None = None,
+    dense: str | None = None,
 ) -> DenseEncoder:
     """Build a dense encoder the way users name models.
 
@@ -124,12 +126,20 @@ def build_encoder(
             file or a plain state dict. The pretrained weights are then not fetched.
         head_weights: ``dinov3txt`` only: the dino.txt file with the vision head and the text tower
             (``dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth``).
+        dense: the last block's dense recipe (:mod:`spar_pl.recipes`: ``maskclip``, ``sclip``, ``clearclip``,
+            ``naclip``) for the open_clip ViT CLIP family (``clip``); ``None`` keeps the family's own dense path
+            (MaskCLIP's for ``clip``). Other families have one fixed dense path: a recipe there is an error.
 
     Raises:
-        ValueError: an unknown backbone, or a model whose vision tower the named backbone's family does not take.
+        ValueError: an unknown backbone, or a model whose vision tower the named backbone's family does not take; a
+            dense recipe for a family it does not apply to.
         FileNotFoundError: a weights, checkpoint or head-weights file that does not exist.
         RuntimeError: open_clip could not build the model (the message names it and the weights).
     """
+    if dense is not None:
+        check_recipe(dense)
+        if backbone is not None:  # a family known before building fails before any work
+            check_dense_family(backbone_family(backbone), dense)
     if model_name is not None and model_name.startswith(("hf-hub:", "local-dir:")):
         from spar_pl.hub import hub_encoder
 
@@ -137,6 +147,9 @@ def build_encoder(
         if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
             if weights is not None or head_weights is not None:
                 raise ValueError(f"{model_name} holds its own weights: drop the weights files")
+            if dense is not None:
+                check_dense_family(get_family(exported.family), dense)
+                exported.dense = dense
             if checkpoint is not None:
                 load_checkpoint(exported, checkpoint)
             return exported
@@ -162,6 +175,9 @@ def build_encoder(
             backbone, family, defaults, model_name, pretrained, weights, device, checkpoint
         )
     encoder.backbone = backbone or encoder.family
+    if dense is not None:
+        check_dense_family(get_family(encoder.family), dense)
+        encoder.dense = dense
     if checkpoint is not None:
         load_checkpoint(encoder, checkpoint)
     elif not loaded:
@@ -175,6 +191,15 @@ def build_encoder(
 
 
 @contextlib.contextmanager
+def check_dense_family(family: Family, dense: str) -> None:
+    """``ValueError`` unless the dense recipe ``dense`` applies to ``family`` (the open_clip ViT CLIP family)."""
+    if family.name != "clip":
+        raise ValueError(
+            f"dense recipe {dense!r} replaces the last block of an open_clip ViT CLIP (family clip), not of the "
+            f"{family.name} family, which has its own dense path: {family.summary}"
+        )
+
+
 def _without_open_clip_random_notice():
     """Drop open_clip's "No pretrained weights loaded" record (a root-logger warning) while it builds a model."""
 

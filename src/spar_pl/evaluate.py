@@ -54,6 +54,13 @@ class SegEvalModule(L.LightningModule):
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
         protocol_overrides: removed (it raises): per-benchmark protocols are eval configs now.
+        dense: ``maskclip`` backbones: the last block's dense recipe (``maskclip``, ``sclip``, ``clearclip``,
+            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own. Results then go to
+            ``<backbone>-<dense>.json`` unless ``results_name`` is set.
+        pamr_steps: PAMR iterations on the logits before the mask rule (``OpenVocabHead``; NACLIP's protocol: 10);
+            0: none.
+        pamr_dilations: PAMR's dilations (NACLIP's: 8 and 16).
+        row_label: the table row of this run (default: from mode, stride and checkpoint; :attr:`row`).
     """
 
     def __init__(
@@ -75,6 +82,10 @@ class SegEvalModule(L.LightningModule):
         results_dir: str | None = "results",
         results_name: str | None = None,
         protocol_overrides: dict | None = None,
+        dense: str | None = None,
+        pamr_steps: int = 0,
+        pamr_dilations: tuple[int, ...] = (8, 16),
+        row_label: str | None = None,
     ) -> None:
         super().__init__()
         if protocol_overrides is not None:  # an argument of earlier versions: say where its setting went
@@ -89,6 +100,8 @@ class SegEvalModule(L.LightningModule):
         self.save_hyperparameters()
         #: the mask rule's settings (``configs/eval/*.yaml``: the published protocol of each benchmark)
         self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
+        if pamr_steps:  # NACLIP's post-processing (recorded in the results only when on)
+            self.protocol |= {"pamr_steps": pamr_steps, "pamr_dilations": list(pamr_dilations)}
         self.encoder = build_encoder(
             backbone,
             model_name,
@@ -96,6 +109,7 @@ class SegEvalModule(L.LightningModule):
             weights=weights,
             checkpoint=checkpoint,
             head_weights=head_weights,
+            dense=dense,
         ).eval()
         if mode != "single":  # a window the fold cannot take fails here, before any data is read
             check_window(int(crop or self.encoder.default_crop), stride, self.encoder.patch_size, window_batch)
@@ -121,6 +135,8 @@ class SegEvalModule(L.LightningModule):
     def row(self) -> str:
         """The table row this configuration belongs to."""
         hp = self.hparams
+        if hp.row_label:
+            return hp.row_label
         # a family whose weights file is its released backbone (dinov3txt) has SPAR weights only as a checkpoint
         trained = hp.checkpoint or (hp.weights and not get_family(self.encoder.family).release_weights)
         trained = trained or getattr(self.encoder, "spar_config", None) is not None  # a SPAR student's Hub folder
@@ -205,6 +221,7 @@ class SegEvalModule(L.LightningModule):
                 k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
             }
             | {"backbone": self.encoder.backbone}
+            | ({"dense": hp.dense} if hp.dense is not None else {})
             | {"crop": (hp.crop or self.encoder.default_crop) if hp.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -213,4 +230,5 @@ class SegEvalModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
         hp = self.hparams
-        return [ResultsFile(hp.results_dir, hp.results_name or self.encoder.backbone)] if hp.results_dir else []
+        default = self.encoder.backbone if hp.dense is None else f"{self.encoder.backbone}-{hp.dense}"
+        return [ResultsFile(hp.results_dir, hp.results_name or default)] if hp.results_dir else []

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from torch import nn
 
+from spar_pl.pamr import PAMR_DILATIONS, pamr_affinity, pamr_refine
 from spar_pl.sliding import SlidingWindowLogits, default_crop, dense_features
 
 #: :meth:`OpenVocabHead.segment` modes: one pass, the authors' logits-level sliding window, the teacher's features.
@@ -134,6 +135,10 @@ class OpenVocabHead(nn.Module):
         prob_thd: pixels whose best class score is below this become class 0.
         area_thd: if set, classes other than 0 covering at most this fraction of the non-class-0
             predicted pixels of an image are suppressed (their scores zeroed) before the argmax.
+        pamr_steps: iterations of pixel-adaptive mask refinement of the cosine logits at the original size before
+            the mask rule (:mod:`spar_pl.pamr`; NACLIP's protocol: 10); 0 turns it off. It needs the image: pass
+            ``images`` to :meth:`predict` (:meth:`segment` does).
+        pamr_dilations: PAMR's neighbourhood dilations (NACLIP's: 8 and 16).
     """
 
     def __init__(
@@ -143,8 +148,14 @@ class OpenVocabHead(nn.Module):
         logit_scale: float = 40.0,
         prob_thd: float = 0.0,
         area_thd: float | None = None,
+        pamr_steps: int = 0,
+        pamr_dilations: Sequence[int] = PAMR_DILATIONS,
     ) -> None:
         super().__init__()
+        if pamr_steps < 0 or not pamr_dilations or min(pamr_dilations) < 1:
+            raise ValueError(
+                f"PAMR needs pamr_steps >= 0 and positive dilations, got {pamr_steps} and {tuple(pamr_dilations)}"
+            )
         self.classes = parse_classes(classes)
         self.synonyms = [name for names in self.classes for name in names]
         if text.ndim != 2 or text.shape[0] != len(self.synonyms):
@@ -163,6 +174,8 @@ class OpenVocabHead(nn.Module):
         self.logit_scale = float(logit_scale)
         self.prob_thd = float(prob_thd)
         self.area_thd = area_thd
+        self.pamr_steps = int(pamr_steps)
+        self.pamr_dilations = tuple(int(d) for d in pamr_dilations)
 
     @classmethod
     def from_encoder(
@@ -174,7 +187,8 @@ class OpenVocabHead(nn.Module):
         **kwargs,
     ) -> OpenVocabHead:
         """The head of ``classes`` with embeddings from ``encoder``'s text tower (:func:`text_embeddings`), computed
-        once, on ``device`` (default: the encoder's); ``kwargs``: ``logit_scale``, ``prob_thd``, ``area_thd``."""
+        once, on ``device`` (default: the encoder's); ``kwargs``: ``logit_scale``, ``prob_thd``, ``area_thd``,
+        ``pamr_steps``, ``pamr_dilations``."""
         parsed = parse_classes(classes)
         text = text_embeddings(encoder, [name for names in parsed for name in names], templates, device)
         return cls(text, parsed, **kwargs)
@@ -189,13 +203,15 @@ class OpenVocabHead(nn.Module):
         with torch.autocast(feats.device.type, enabled=False):  # float32 under a mixed-precision encoder
             return torch.einsum("bchw,sc->bshw", F.normalize(feats.float(), dim=1), text)
 
-    def forward(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, size: tuple[int, int], images: torch.Tensor | None = None) -> torch.Tensor:
         """Per-class scores ``(B, K, H0, W0)``: softmax over synonyms at ``size``, max over each class's synonyms.
 
         This holds the whole ``K x H0 x W0`` tensor; :meth:`predict` computes masks (and, if asked, the same
-        scores chunk by chunk) in bounded memory.
+        scores chunk by chunk) in bounded memory. ``images``: see :meth:`predict` (PAMR only).
         """
         logits = F.interpolate(self.synonym_logits(feats), size=tuple(size), mode="bilinear", align_corners=False)
+        if self.pamr_steps:
+            logits = self._refined(lambda s0, s1: logits[:, s0:s1], images, tuple(size))(0, logits.shape[1])
         return self.class_scores((logits * self.logit_scale).softmax(dim=1))
 
     def class_scores(self, probs: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -224,6 +240,7 @@ class OpenVocabHead(nn.Module):
         feats: torch.Tensor,
         size: tuple[int, int],
         probs_out: Callable[[int, int, torch.Tensor], None] | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Class-index masks ``(B, H0, W0)`` (int64) after the area and probability thresholds, in bounded memory.
 
@@ -232,6 +249,7 @@ class OpenVocabHead(nn.Module):
             size: the original image size ``(H0, W0)``; logits are resized bilinearly to it.
             probs_out: called as ``probs_out(k0, k1, scores)`` with the per-class scores ``(B, k1 - k0, H0, W0)``
                 (float32, as :meth:`forward` gives them) of consecutive chunks of classes, in order.
+            images: the (normalised) image batch the features are of, at any size; needed only by PAMR.
         """
         logits = self.synonym_logits(feats)
         size = tuple(size)
@@ -239,7 +257,7 @@ class OpenVocabHead(nn.Module):
         def chunk(s0: int, s1: int) -> torch.Tensor:
             return F.interpolate(logits[:, s0:s1], size=size, mode="bilinear", align_corners=False)
 
-        return self.predict_chunked(chunk, logits.shape[0], size, logits.device, probs_out)
+        return self.predict_chunked(chunk, logits.shape[0], size, logits.device, probs_out, images=images)
 
     def predict_sliding(
         self,
@@ -258,7 +276,8 @@ class OpenVocabHead(nn.Module):
         source = SlidingWindowLogits(encoder, images, self.text, crop, stride, window_batch, size)
         # the canvas is at the input size, which may exceed the output size: size chunks for the larger
         scale = (size[0] * size[1]) / max(size[0] * size[1], images.shape[-2] * images.shape[-1])
-        return self.predict_chunked(source, images.shape[0], size, images.device, probs_out, int(budget_bytes * scale))
+        budget = int(budget_bytes * scale)
+        return self.predict_chunked(source, images.shape[0], size, images.device, probs_out, budget, images)
 
     def segment(
         self,
@@ -289,7 +308,7 @@ class OpenVocabHead(nn.Module):
             raise ValueError(f"unknown segmentation mode {mode!r}; choose one of {', '.join(SEGMENT_MODES)}")
         feature_mode = "single" if mode == "single" else "sliding"
         feats = dense_features(encoder, images, feature_mode, crop, stride, window_batch)
-        return self.predict(feats, size, probs_out)
+        return self.predict(feats, size, probs_out, images)
 
     def predict_chunked(
         self,
@@ -299,13 +318,18 @@ class OpenVocabHead(nn.Module):
         device: torch.device,
         probs_out: Callable[[int, int, torch.Tensor], None] | None = None,
         budget_bytes: int = 1 << 26,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mask rule over logits given chunk by chunk: ``logits(s0, s1)`` are the cosine logits
         ``(B, s1 - s0, H0, W0)`` of synonyms ``s0:s1`` at the original size (called for whole classes).
 
         Pass 1 keeps per pixel the largest scaled logit, its synonym and the log-sum-exp over all synonyms;
-        the area threshold needs a second pass over the kept classes, probabilities a pass of their own.
+        the area threshold needs a second pass over the kept classes, probabilities a pass of their own. With PAMR
+        on, every chunk's logits are refined (:func:`~spar_pl.pamr.pamr_refine`) with the affinity of ``images``
+        resized bilinearly to the original size, as NACLIP does.
         """
+        if self.pamr_steps:
+            logits, budget_bytes = self._refined(logits, images, size), budget_bytes // 4  # PAMR's working copies
         synonym_class = self.synonym_class.to(device)
         chunks = self.class_chunks(batch * size[0] * size[1], budget_bytes)
         best = torch.full((batch, *size), -torch.inf, device=device)
@@ -345,6 +369,22 @@ class OpenVocabHead(nn.Module):
                 probs = torch.exp(logits(s0, s1).float() * self.logit_scale - lse[:, None])
                 probs_out(k0, k1, self.class_scores(probs, k0))
         return pred
+
+    def _refined(
+        self, logits: Callable[[int, int], torch.Tensor], images: torch.Tensor | None, size: tuple[int, int]
+    ) -> Callable[[int, int], torch.Tensor]:
+        """``logits`` with PAMR applied to every chunk (the affinity of ``images`` at ``size`` computed once)."""
+        if images is None:
+            raise ValueError("PAMR (pamr_steps > 0) needs the images: pass images= to predict")
+        with torch.autocast(images.device.type, enabled=False):
+            resized = F.interpolate(images.float(), size=tuple(size), mode="bilinear", align_corners=False)
+            affinity = pamr_affinity(resized, self.pamr_dilations)
+
+        def refined(s0: int, s1: int) -> torch.Tensor:
+            with torch.autocast(affinity.device.type, enabled=False):
+                return pamr_refine(logits(s0, s1).float(), affinity, self.pamr_steps, self.pamr_dilations)
+
+        return refined
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Apply the area threshold, argmax and probability threshold to per-class scores ``(B, K, H, W)``."""

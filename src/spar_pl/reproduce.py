@@ -61,11 +61,14 @@ def shipped_weights() -> Path:
     return Path(str(resources.files("spar_pl") / "pretrained" / f"{TINY_MODEL}-shapes.safetensors"))
 
 
-def load_tiny(weights: str | Path | None = None, device: str | torch.device = "cpu") -> DenseEncoder:
-    """The tiny MaskCLIP-style encoder with the shipped (or given) pretrained weights."""
+def load_tiny(
+    weights: str | Path | None = None, device: str | torch.device = "cpu", dense: str | None = None
+) -> DenseEncoder:
+    """The tiny MaskCLIP-style encoder with the shipped (or given) pretrained weights (``dense``: the last block's
+    recipe, :mod:`spar_pl.recipes`)."""
     with quiet_lightning():
         return build_encoder(
-            "maskclip", TINY_MODEL, pretrained=None, weights=weights or shipped_weights(), device=device
+            "maskclip", TINY_MODEL, pretrained=None, weights=weights or shipped_weights(), device=device, dense=dense
         )
 
 
@@ -301,6 +304,7 @@ def distill(
     trainable: str = "blk_-1,blk_-2",
     root: str | Path | None = None,
     progress: bool = False,
+    dense: str | None = None,
 ) -> DistillModule:
     """SPAR on unlabelled high-resolution scenes: :class:`DistillModule` (teacher crop 64, stride 24) through Lightning.
 
@@ -320,6 +324,7 @@ def distill(
             trainable=trainable,
             lr=lr,
             weight_decay=1e-4,
+            dense=dense,
         )
     data = SceneBatches(HIGH_RES, batch_size, steps, seed, "distill", labels=False)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -337,6 +342,7 @@ def run_seed(
     distill_batch: int = 2,
     lr: float = 5e-4,
     log: Callable[[str], None] = print,
+    dense: str | None = None,
 ) -> dict[str, float]:
     """One seed of the experiment: held-out scenes of that seed, preconditions, SPAR distillation, the three methods.
 
@@ -344,7 +350,7 @@ def run_seed(
         mIoU (percent) and seconds per image of ``native``, ``single``, ``sliding`` and ``spar``, plus the
         distillation time ``distill_s``.
     """
-    encoder = load_tiny(weights).eval()
+    encoder = load_tiny(weights, dense=dense).eval()
     head = OpenVocabHead.from_encoder(encoder, SHAPE_CLASSES)
     teacher = SlidingWindowTeacher(encoder, crop=NATIVE, stride=24, window_batch=128)
     native_x, native_y = make_scenes(eval_images * 4, NATIVE, seed, "heldout-native")
@@ -358,7 +364,7 @@ def run_seed(
         f"sliding window {r['sliding']:.1f}"
     )
     t0 = time.perf_counter()
-    module = distill(weights, seed, distill_steps, distill_batch, lr)
+    module = distill(weights, seed, distill_steps, distill_batch, lr, dense=dense)
     r["distill_s"] = time.perf_counter() - t0
     spar_head = OpenVocabHead.from_encoder(module.student, SHAPE_CLASSES)
     r["spar"], r["spar_s"] = evaluate(module.student, spar_head, high_x, high_y, normalize=module.student.normalize)
@@ -504,6 +510,7 @@ def reproduce_tiny(
     lr: float = 5e-4,
     threads: int | None = 2,
     log: Callable[[str], None] = print,
+    dense: str | None = None,
 ) -> dict[int, dict[str, float]]:
     """The whole experiment over ``seeds``; prints the table, writes ``reproduce-tiny.md`` and ``reproduce-tiny.png``.
 
@@ -517,6 +524,8 @@ def reproduce_tiny(
         lr: distillation AdamW learning rate.
         threads: torch CPU threads (``None``: leave as is).
         log: where progress lines go.
+        dense: the last block's recipe (:mod:`spar_pl.recipes`) of the model, its teacher and SPAR's student; the
+            files are then ``reproduce-tiny-<dense>.md`` and ``.png``.
     """
     from spar_pl.fileio import write_text
 
@@ -524,18 +533,19 @@ def reproduce_tiny(
         torch.set_num_threads(threads)
     weights = Path(weights) if weights else shipped_weights()
     t0 = time.perf_counter()
-    runs = {s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log=log) for s in seeds}
+    runs = {s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log, dense) for s in seeds}
     elapsed = time.perf_counter() - t0
     settings = (
         f"Model `{TINY_MODEL}` (MaskCLIP-style open_clip ViT, patch 8, 4 blocks, width 128, native 64 px) with "
         f"weights `{weights.name}`; {eval_images} held-out {HIGH_RES}px scenes per seed; SPAR: "
         f"`DistillModule` (crop 64, stride 24, trainable `blk_-1,blk_-2`, MSE, AdamW lr {lr:g}), "
         f"{distill_steps} steps x {distill_batch} unlabelled {HIGH_RES}px scenes; seeds {', '.join(map(str, seeds))}."
-    )
+    ) + (f" Dense recipe `{dense}` in the last block (teacher and student)." if dense else "")
     text = render_markdown(runs, settings, elapsed)
     out = Path(out)
-    write_text(out / "reproduce-tiny.md", text)
-    draw_figure(runs, out / "reproduce-tiny.png")
+    stem = "reproduce-tiny" if dense is None else f"reproduce-tiny-{dense}"
+    write_text(out / f"{stem}.md", text)
+    draw_figure(runs, out / f"{stem}.png")
     log(text)
-    log(f"wrote {out / 'reproduce-tiny.md'} and {out / 'reproduce-tiny.png'}")
+    log(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.png'}")
     return runs

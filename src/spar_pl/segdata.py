@@ -12,6 +12,7 @@ Under DDP every rank reads a disjoint stride of the images, without the padding 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,13 +151,20 @@ class SegDataset(torch.utils.data.Dataset):
         dataset: benchmark name (``voc21``, ``voc20``, ``context60``, ``context59``, ``cityscapes``, ``ade20k``).
         root: the dataset root (the benchmark's default under ``data/`` if ``None``).
         split: the split name (``val``).
+        max_sides: the test resize's limits ``(long, short)`` (default: the benchmark's; the training-free methods'
+            protocols use a short side of 336 or 448).
     """
 
-    def __init__(self, dataset: str, root: str | Path | None = None, split: str = "val") -> None:
+    def __init__(
+        self, dataset: str, root: str | Path | None = None, split: str = "val", max_sides: Sequence[int] | None = None
+    ) -> None:
         if dataset not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {dataset!r}; choose one of {', '.join(BENCHMARKS)}")
         self.benchmark = BENCHMARKS[dataset]
         self.root = Path(root or self.benchmark.default_root)
+        self.max_sides = tuple(max_sides) if max_sides is not None else self.benchmark.max_sides
+        if len(self.max_sides) != 2 or min(self.max_sides) < 1:
+            raise ValueError(f"max_sides must be two positive sides (long, short), got {max_sides}")
         self.samples = list_samples(self.benchmark, self.root, split)
         if not self.samples:
             raise FileNotFoundError(f"{dataset}: no images found under {self.root} ({self.benchmark.layout})")
@@ -172,7 +180,7 @@ class SegDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"image {image_path} is {tuple(image.shape[1:])} but its label {label_path} is {label.shape}"
             )
-        size = eval_size(*label.shape, *self.benchmark.max_sides)
+        size = eval_size(*label.shape, *self.max_sides)
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         return {"image": image, "label": torch.from_numpy(label), "name": name}
 
@@ -191,6 +199,7 @@ class SegDataModule(L.LightningDataModule):
         split: split name.
         batch_size: images per batch (results do not depend on it).
         num_workers: loader worker processes.
+        max_sides: the test resize's limits ``(long, short)`` (default: the benchmark's).
     """
 
     def __init__(
@@ -200,13 +209,15 @@ class SegDataModule(L.LightningDataModule):
         split: str = "val",
         batch_size: int = 1,
         num_workers: int = 0,
+        max_sides: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data: SegDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        self.data = SegDataset(self.hparams.dataset, self.hparams.root, self.hparams.split)
+        hp = self.hparams
+        self.data = SegDataset(hp.dataset, hp.root, hp.split, hp.max_sides)
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
         """This rank's share, every image exactly once over the ranks (Lightning's unrepeated sampler: ranks take

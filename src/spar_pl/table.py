@@ -31,11 +31,48 @@ EVAL_CONFIGS = {
     "maskclip-legacy": {"voc21": "voc21-maskclip"},
 }
 
+#: The training-free recipes' tables (``docs/method.md`` section "Dense recipes"): ``backbones/<recipe>.yaml``
+#: (``<recipe>-tiny`` for ``--tiny``) evaluated with ``eval/<dataset>-<recipe>.yaml``, the method's own protocol, in
+#: every row.
+RECIPE_TITLES = {"sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
+#: Published ViT-B/16 mIoU of each method at its own protocol (sources in ``docs/method.md`` section "Dense recipes").
+PUBLISHED = {
+    "sclip": [
+        ("published SCLIP (README)", (59.63, 81.54, 32.34, 16.45, 31.74, 34.46)),
+        ("published SCLIP (third-party table)", (59.1, 80.4, 32.2, 16.1, 30.4, 34.2)),
+    ],
+    "clearclip": [("published ClearCLIP", (51.8, 80.9, 30.0, 16.7, 32.6, 35.9))],
+    "naclip": [
+        ("published NACLIP with PAMR (README)", (64.07, 83.03, 38.27, 19.05, 34.99, 38.35)),
+        ("published NACLIP without PAMR", (58.9, 79.7, 35.5, 17.4, 32.2, 35.2)),
+    ],
+}
+"""Per recipe: (label, mIoU in :data:`TABLE_COLUMNS` order: VOC21, VOC20, City, ADE, C60, C59)."""
 
-def render_table(results: Path, out: Path | None = None, title: str | None = None) -> str:
+
+def recipe_of(backbone: str) -> str | None:
+    """The recipe whose table a backbone config is (``naclip``, ``naclip-tiny`` -> ``naclip``), else ``None``."""
+    name = backbone.removesuffix("-tiny")
+    return name if name in RECIPE_TITLES else None
+
+
+def recipe_rows(recipe: str) -> tuple[str, ...]:
+    """The measured rows of a recipe's table, in order."""
+    return (ROWS[0], f"pretrained, {RECIPE_TITLES[recipe]} protocol", ROWS[1], ROWS[2])
+
+
+def render_table(
+    results: Path,
+    out: Path | None = None,
+    title: str | None = None,
+    order: tuple[str, ...] = ROWS,
+    published: list[tuple[str, tuple[float, ...]]] | None = None,
+) -> str:
     """The paper's table (rows x six benchmarks + mean + seconds per image) from a results file.
 
     The newest entry of each (row, dataset) counts; a missing cell is ``-`` and the mean is then omitted.
+    ``order``: the rows first shown, in order (others follow, sorted); ``published``: rows of published numbers
+    (label, mIoU per column of :data:`TABLE_COLUMNS`) printed after the measured ones.
     """
     if not Path(results).is_file():
         raise FileNotFoundError(f"results file not found: {results}")
@@ -43,7 +80,7 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
     cells: dict[tuple[str, str], dict] = {}
     for e in entries:
         cells[(e["row"], e["dataset"])] = e
-    rows = [r for r in ROWS if any(k[0] == r for k in cells)] + sorted({k[0] for k in cells} - set(ROWS))
+    rows = [r for r in order if any(k[0] == r for k in cells)] + sorted({k[0] for k in cells} - set(order))
     header = ["inference", *TABLE_COLUMNS.values(), "mean", "s/img"]
     lines = [f"## {title or Path(results).stem}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -53,6 +90,9 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
         shown = ["-" if v is None else f"{v:.1f}" for v in (*values, mean)]
         s_img = f"{sum(secs) / len(secs):.3f}" if secs else "-"
         lines.append("| " + " | ".join([row, *shown, s_img]) + " |")
+    for label, numbers in published or []:
+        shown = [f"{v:.1f}" for v in (*numbers, sum(numbers) / len(numbers))]
+        lines.append("| " + " | ".join([label, *shown, "-"]) + " |")
     text = "\n".join(lines) + "\n"
     if out is not None:
         write_text(out, text)
@@ -65,8 +105,11 @@ def table_runs(
     """The ``spar-cli test`` argument lists behind one table: (dataset, row, args) for 6 benchmarks x 3 rows.
 
     Each benchmark's eval config is ``eval/<dataset>.yaml``, or the backbone's own protocol where the published one
-    differs (:data:`EVAL_CONFIGS`: MaskCLIP on VOC21 is ``eval/voc21-maskclip.yaml``).
+    differs (:data:`EVAL_CONFIGS`: MaskCLIP on VOC21 is ``eval/voc21-maskclip.yaml``). A recipe's backbone config
+    (:data:`RECIPE_TITLES`) gets :func:`recipe_table_runs`.
     """
+    if recipe_of(backbone) is not None:
+        return recipe_table_runs(backbone, checkpoint, roots, stride)
     try:
         backbone_cfg = config_path(f"backbones/{backbone}.yaml")
     except FileNotFoundError:
@@ -86,6 +129,52 @@ def table_runs(
     return runs
 
 
+def recipe_table_runs(
+    backbone: str, checkpoint: str | None, roots: dict[str, Path] | None = None, stride: int = 24
+) -> list[tuple[str, str, list[str]]]:
+    """A recipe's table: 6 benchmarks x 4 rows, each with ``eval/<dataset>-<recipe>.yaml`` (the method's test resize,
+    thresholds, logit scale and PAMR) and ``backbones/<backbone>.yaml``: single pass, the method's own inference
+    (its sliding window, or NACLIP's single pass on VOC), SPAR's sliding window (native crop, ``stride``) and SPAR
+    (the checkpoint's single pass). A ``-tiny`` backbone (64 px native) scales the method's crop, stride and test
+    resize by 64 / 224."""
+    import yaml
+
+    recipe = recipe_of(backbone)
+    try:
+        backbone_cfg = config_path(f"backbones/{backbone}.yaml")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no backbone config backbones/{backbone}.yaml") from None
+    rows = recipe_rows(recipe)
+    runs = []
+    for dataset in TABLE_COLUMNS:
+        eval_cfg = config_path(f"eval/{dataset}-{recipe}.yaml")
+        args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg)]
+        if backbone.endswith("-tiny"):
+            cfg = yaml.safe_load(Path(eval_cfg).read_text())
+            model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+            scale = 64 / 224
+            args += ["--model.init_args.crop", str(round(model["crop"] * scale))]
+            args += ["--model.init_args.stride", str(round(model["stride"] * scale))]
+            long, short = data["max_sides"]
+            args += ["--data.init_args.max_sides", f"[{long}, {round(short * scale)}]"]
+        if roots is not None:
+            args += ["--data.init_args.root", str(roots[dataset])]
+        runs.append((dataset, rows[0], [*args, "--model.init_args.mode", "single"]))
+        runs.append((dataset, rows[1], [*args, "--model.init_args.row_label", rows[1]]))
+        window = ["--model.init_args.mode", "sliding", "--model.init_args.stride", str(stride)]
+        runs.append((dataset, rows[2], [*args, *window, "--model.init_args.crop", "null"]))
+        if checkpoint:
+            spar = ["--model.init_args.mode", "single", "--model.init_args.checkpoint", str(checkpoint)]
+            runs.append((dataset, rows[3], [*args, *spar]))
+    return runs
+
+
+def table_rows(backbone: str) -> tuple[tuple[str, ...], list | None]:
+    """The row order and published rows of a backbone's table (a recipe's: :func:`recipe_rows`, :data:`PUBLISHED`)."""
+    recipe = recipe_of(backbone)
+    return (recipe_rows(recipe), PUBLISHED[recipe]) if recipe else (ROWS, None)
+
+
 def run_table(backbone: str, checkpoint: str | None, results_dir: str = "results", roots=None, extra=()) -> str:
     """Run the 18 evaluations of one backbone in this process and render ``results/<backbone>.md``."""
     runs = table_runs(backbone, checkpoint, roots)
@@ -94,7 +183,7 @@ def run_table(backbone: str, checkpoint: str | None, results_dir: str = "results
         quiet = ["--trainer.enable_progress_bar", "false", "--verbose", "false"]  # the table is the summary
         run_lightning([*args, "--model.init_args.results_dir", results_dir, *quiet, *extra])
     results = Path(results_dir) / f"{backbone}.json"
-    table = render_table(results, Path(results_dir) / f"{backbone}.md", title=f"{backbone}: mIoU (%)")
+    table = render_table(results, Path(results_dir) / f"{backbone}.md", f"{backbone}: mIoU (%)", *table_rows(backbone))
     print(table)
     return table
 
@@ -118,7 +207,8 @@ def table_command(argv=None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny model and generated benchmarks (CPU, offline)")
     args = parser.parse_args(argv)
     if args.render_only:
-        table = render_table(Path(args.results) / f"{args.backbone}.json", Path(args.results) / f"{args.backbone}.md")
+        results, name = Path(args.results), args.backbone
+        table = render_table(results / f"{name}.json", results / f"{name}.md", None, *table_rows(name))
         print(table)
         return table
     if not args.tiny:
@@ -129,11 +219,13 @@ def table_command(argv=None) -> str:
 
 def tiny_twin(backbone: str) -> tuple[str, list[str]]:
     """The tiny configs (``backbones/<name>.yaml`` and ``distill/<name>.yaml``) standing in for a backbone, and the
-    arguments that adapt them: a family's own tiny configs where it has some (:data:`TINY_TWINS`: DINOv3.txt's),
-    else the SigLIP2-shaped ``tiny`` configs, given the family's tiny twin (:attr:`~spar_pl.families.Family.tiny_model`)
-    and its default crop when it is another model."""
+    arguments that adapt them: a recipe's own tiny configs, a family's where it has some (:data:`TINY_TWINS`:
+    DINOv3.txt's), else the SigLIP2-shaped ``tiny`` configs, given the family's tiny twin
+    (:attr:`~spar_pl.families.Family.tiny_model`) and its default crop when it is another model."""
     from spar_pl.families import backbone_family
 
+    if backbone in RECIPE_TITLES:  # a training-free recipe's tables: its own tiny configs
+        return f"{backbone}-tiny", []
     family = backbone_family(backbone)
     if family.name in TINY_TWINS:
         return TINY_TWINS[family.name], []

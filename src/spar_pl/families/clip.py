@@ -17,18 +17,25 @@ from torch import nn
 
 from spar_pl.families.base import CLIP_MEAN, CLIP_STD, DenseEncoder
 from spar_pl.families.registry import Family, register_family
+from spar_pl.recipes import RECIPES, check_recipe, unused_block_parameters
 
 __all__ = ["FAMILY", "MaskCLIPEncoder"]
 
 
 class MaskCLIPEncoder(DenseEncoder):
-    """MaskCLIP dense features from an open_clip ViT CLIP (value path in the last block)."""
+    """Dense features from an open_clip ViT CLIP: MaskCLIP's value path in the last block, or another dense recipe.
+
+    Args:
+        dense: the last block's recipe (:data:`spar_pl.recipes.RECIPES`): ``maskclip`` (value path, SPAR's),
+            ``sclip``, ``clearclip`` or ``naclip``.
+    """
 
     family = "clip"
     default_mean = CLIP_MEAN
     default_std = CLIP_STD
 
-    def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None) -> None:
+    def __init__(self, model: nn.Module, tokenizer=None, mean=None, std=None, dense: str = "maskclip") -> None:
+        check_recipe(dense)
         visual = getattr(model, "visual", None)
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise TypeError(f"MaskCLIPEncoder needs an open_clip ViT CLIP, got a vision tower {type(visual).__name__}")
@@ -37,6 +44,7 @@ class MaskCLIPEncoder(DenseEncoder):
             raise TypeError("MaskCLIPEncoder supports blocks with nn.MultiheadAttention (standard open_clip ViTs)")
         super().__init__(model, tokenizer, mean, std)
         self.patch_size = int(visual.conv1.kernel_size[0])
+        self.dense = dense
 
     @property
     def embed_dim(self) -> int:
@@ -85,18 +93,13 @@ class MaskCLIPEncoder(DenseEncoder):
             x = blk(x)
         if not batch_first:
             x = x.transpose(0, 1)
-        x = self._value_block(self.blocks[-1], x)
+        x = RECIPES[self.dense](self.blocks[-1], x, h, w)
         x = v.ln_post(x) @ v.proj
         return x[:, 1:].reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
-    @staticmethod
-    def _value_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The last block with attention replaced by its value projection (MaskCLIP)."""
-        attn: nn.MultiheadAttention = blk.attn
-        dim = x.shape[-1]
-        value = F.linear(blk.ln_1(x), attn.in_proj_weight[2 * dim :], attn.in_proj_bias[2 * dim :])
-        x = x + blk.ls_1(attn.out_proj(value))
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """The last block's feed-forward (and ``ln_2``) under a recipe that drops it (ClearCLIP, NACLIP)."""
+        return unused_block_parameters(self.dense, self.blocks[-1])
 
 
 def _recognise(model: nn.Module) -> bool:
