@@ -117,7 +117,7 @@ def test_neighbourhood_prior_values():
 
 
 def test_recipe_on_other_family_is_an_error():
-    with pytest.raises(ValueError, match="siglip2.*attention pool"):
+    with pytest.raises(ValueError, match="siglip2.*attention.pool"):
         build_encoder("siglip2", "spar-tiny-sl2", pretrained=None, dense="naclip")
     with pytest.raises(ValueError, match="dinov3txt"):
         build_encoder("dinov3txt", "spar-tiny-dinotxt", pretrained=None, dense="sclip")

@@ -139,7 +139,7 @@ def build_encoder(
     if dense is not None:
         check_recipe(dense)
         if backbone is not None:  # a family known before building fails before any work
-            check_dense_family(backbone_family(backbone), dense)
+            check_dense_family(backbone_family(backbone), dense, backbone)
     if model_name is not None and model_name.startswith(("hf-hub:", "local-dir:")):
         from spar_pl.hub import hub_encoder
 
@@ -148,7 +148,7 @@ def build_encoder(
             if weights is not None or head_weights is not None:
                 raise ValueError(f"{model_name} holds its own weights: drop the weights files")
             if dense is not None:
-                check_dense_family(get_family(exported.family), dense)
+                check_dense_family(get_family(exported.family), dense, model_name)
                 exported.dense = dense
             if checkpoint is not None:
                 load_checkpoint(exported, checkpoint)
@@ -176,7 +176,7 @@ def build_encoder(
         )
     encoder.backbone = backbone or encoder.family
     if dense is not None:
-        check_dense_family(get_family(encoder.family), dense)
+        check_dense_family(get_family(encoder.family), dense, backbone or encoder.model_name)
         encoder.dense = dense
     if checkpoint is not None:
         load_checkpoint(encoder, checkpoint)
@@ -190,16 +190,17 @@ def build_encoder(
     return encoder
 
 
-@contextlib.contextmanager
-def check_dense_family(family: Family, dense: str) -> None:
-    """``ValueError`` unless the dense recipe ``dense`` applies to ``family`` (the open_clip ViT CLIP family)."""
+def check_dense_family(family: Family, dense: str, label: str) -> None:
+    """``ValueError`` unless the dense recipe ``dense`` applies to ``family`` (the open_clip ViT CLIP family);
+    ``label`` names the model as the user did."""
     if family.name != "clip":
         raise ValueError(
-            f"dense recipe {dense!r} replaces the last block of an open_clip ViT CLIP (family clip), not of the "
-            f"{family.name} family, which has its own dense path: {family.summary}"
+            f"dense recipe {dense!r} replaces the last block of an open_clip ViT CLIP (family clip), not of "
+            f"{label!r} (family {family.name}), which has its own dense path: {family.summary}"
         )
 
 
+@contextlib.contextmanager
 def _without_open_clip_random_notice():
     """Drop open_clip's "No pretrained weights loaded" record (a root-logger warning) while it builds a model."""
 
