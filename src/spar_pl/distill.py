@@ -68,7 +68,7 @@ class DistillModule(L.LightningModule):
         # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
         model = self.student.model
         shared = {id(m): m for name, m in model.named_children() if name != "visual"}
-        shared.update({id(p): p for p in model._parameters.values() if p is not None})
+        shared.update({id(p): p for _, p in model.named_parameters(recurse=False)})
         teacher_encoder = copy.deepcopy(self.student, memo=shared).eval().requires_grad_(False)
         self.teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
         self.student.train()
@@ -214,8 +214,7 @@ class TeacherCacheTask(L.LightningModule):
         self.store = self.distill.open_cache(self.data, self.trainer.precision, self.trainer.is_global_zero)
 
     def predict_dataloader(self):
-        self.data.trainer = self.trainer  # this rank's share
-        self.loader = self.data.cache_dataloader()
+        self.loader = self.data.cache_dataloader(self.global_rank, self.trainer.world_size)  # this rank's share
         return self.loader
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
