@@ -278,18 +278,35 @@ def test_ckpt_path_last_resumes_in_the_same_root(images, tmp_path, monkeypatch):
     assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2  # both epochs' losses in the run's one metrics.csv
 
 
+def metrics_rows(root):
+    """The rows of a run's one metrics.csv, as dicts of the non-empty values."""
+    import csv
+
+    (found,) = root.rglob("metrics.csv")
+    with found.open(newline="") as fh:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers):
-    """last.ckpt every 4 steps (tiny.yaml): a run killed at step 5 of a 6-step epoch resumes from step 4 and trains
-    on exactly the images, crops and order of an uninterrupted run, ending with equal weights."""
+@pytest.mark.parametrize(("workers", "kill"), [(0, False), (2, False), (0, True)], ids=["error", "workers", "kill-9"])
+def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers, kill):
+    """last.ckpt every 4 steps (tiny.yaml): a run stopped (an error, or kill -9 of its process) at step 5 of a 6-step
+    epoch resumes from step 4 and trains on exactly the images, crops and order of an uninterrupted run, ending with
+    equal weights; the interrupted epoch's train/loss_epoch is the uninterrupted run's (the mean over all of its
+    steps, not only those after the resume) and metrics.csv holds every step once."""
     monkeypatch.chdir(ROOT)
     data = ("--data.init_args.mode", "fresh", "--data.init_args.num_workers", str(workers))
     main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *data, *record(tmp_path / "a")))
     root = tmp_path / "resumed"
     stop = ["--trainer.callbacks+=tests.helpers.Interrupt", "--trainer.callbacks.step=5"]
-    with pytest.raises(RuntimeError, match="interrupted at step 5"):
-        main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "b"), *stop))
+    interrupted = fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "b"), *stop)
+    if kill:
+        cmd = [sys.executable, "-m", "spar_pl.cli", *interrupted, "--trainer.callbacks.kill=true"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == -9, result.stderr[-3000:]
+    else:
+        with pytest.raises(RuntimeError, match="interrupted at step 5"):
+            main(interrupted)
     assert torch.load(next(root.rglob("last.ckpt")), weights_only=True)["global_step"] == 4
     main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "c"), "--ckpt_path", "last"))
     straight, resumed = trained_ids(tmp_path / "a"), trained_ids(tmp_path / "c")
@@ -298,6 +315,17 @@ def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, 
     (a, step_a), (b, step_b) = final_weights(tmp_path / "straight"), final_weights(root)
     assert step_a == step_b == 12
     assert_same_weights(a, b)
+    rows_a, rows_b = metrics_rows(tmp_path / "straight"), metrics_rows(root)
+    epoch_a = [float(r["train/loss_epoch"]) for r in rows_a if "train/loss_epoch" in r]
+    epoch_b = [float(r["train/loss_epoch"]) for r in rows_b if "train/loss_epoch" in r]
+    assert len(epoch_a) == len(epoch_b) == 2
+    assert epoch_b == epoch_a, (epoch_a, epoch_b)
+    logged_a, logged_b = (
+        [(int(r["step"]), k) for r in rows for k in r if k not in ("step", "epoch")] for rows in (rows_a, rows_b)
+    )
+    assert len(logged_b) == len(set(logged_b)), sorted(k for k in logged_b if logged_b.count(k) > 1)  # no step twice
+    assert logged_b == sorted(logged_b, key=lambda item: item[0])  # in step order
+    assert sorted(logged_b) == sorted(logged_a)  # the whole run's history, the steps before the checkpoint included
 
 
 @pytest.mark.slow
