@@ -417,17 +417,3 @@ def test_predict_gives_student_features(images):
     data = DistillDataModule(str(images / "train"), val_source=str(images / "val"))
     out = trainer(Path("."), enable_checkpointing=False).predict(tiny_module(), data)
     assert len(out) == 2 and out[0]["features"].shape[:2] == (1, 64)
-
-
-def test_configs_saved_by_earlier_runs_still_parse(tmp_path, capsys):
-    """``config.yaml`` files saved next to earlier runs name ``spar_pl.distill.LastCheckpoint`` (its old home)."""
-    import shutil
-
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    fragment = tmp_path / "configs" / "fragments" / "callbacks-tiny.yaml"
-    fragment.write_text(
-        fragment.read_text().replace("spar_pl.callbacks.LastCheckpoint", "spar_pl.distill.LastCheckpoint")
-    )
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(tmp_path / "configs" / "distill" / "tiny.yaml"), "--print_config"])
-    assert exc.value.code == 0 and "class_path: spar_pl.distill.LastCheckpoint" in capsys.readouterr().out

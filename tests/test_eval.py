@@ -280,7 +280,7 @@ def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(ben
     (tmp_path / "t.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"results file .*t\.json is not valid JSON"):
         run_test(module, SegDataModule("voc20", str(bench["voc20"])))
-    assert int(module.images) == 0 and (tmp_path / "t.json").read_text() == "{not json"
+    assert module.images.update_count == 0 and (tmp_path / "t.json").read_text() == "{not json"
     (tmp_path / "t.json").unlink()
     run_test(module, SegDataModule("voc20", str(bench["voc20"])))
     entries = json.loads((tmp_path / "t.json").read_text())

@@ -123,7 +123,12 @@ def test_features_command(tmp_path, capsys):
     with safe_open(str(out / "img.safetensors"), "pt") as fh:
         feats, meta = fh.get_tensor("features"), fh.metadata()
     assert feats.shape == (1, 64, 64, 96) and feats.dtype == torch.float32
-    assert (meta["mode"], meta["stride"], meta["upsampled"], meta["dtype"]) == ("sliding", "24", "true", "float32")
+    assert (meta["mode"], meta["stride"], meta["upsampled"], meta["dtype"]) == (
+        "sliding-features",
+        "24",
+        "true",
+        "float32",
+    )
     code, _, stderr = run(["features", str(tmp_path / "nothing.png"), *TINY, "--out", str(out)], capsys)
     assert code == 1 and "image not found: " in stderr and "nothing.png" in stderr
 

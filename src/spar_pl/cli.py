@@ -151,7 +151,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
             single = encoder(x).float()
         t1 = time.perf_counter()
         with autocast(args.precision, x.device):
-            sliding = dense_features(encoder, x, "sliding", crop, args.stride).float()
+            sliding = dense_features(encoder, x, "sliding-features", crop, args.stride).float()
         t2 = time.perf_counter()
         single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
         cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
@@ -193,10 +193,10 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:
     """``--classes`` entries (one class per argument, commas list synonyms), or exit with the reason."""
-    from spar_pl.api import class_entries, segmentation_classes
+    from spar_pl.openvocab import parse_classes
 
     try:
-        return [", ".join(names) for names in segmentation_classes(class_entries(arguments))]
+        return [", ".join(names) for names in parse_classes(arguments, min_classes=2, option="--classes")]
     except ValueError as err:
         raise SystemExit(f"spar-cli: {err}") from err
 
@@ -327,7 +327,9 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument("--head-weights", default=None, help="dinov3txt: the dino.txt head and text encoder .pth")
     parser.add_argument("--checkpoint", default=None, help="SPAR checkpoint: .ckpt or spar-cli export .safetensors")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--mode", default="single", choices=modes, help="single pass or a sliding window (README)")
+    parser.add_argument(
+        "--mode", default="single", choices=(*modes, "sliding"), help="single pass or a sliding window (README)"
+    )
     parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
     parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
     parser.add_argument("--max-side", type=_positive_int, default=None, help="downscale longer sides to this first")
@@ -356,7 +358,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err
     try:
-        model.check_mode(args.mode, args.stride, modes, args.crop)
+        args.mode = model.check_mode(args.mode, args.stride, modes, args.crop)
     except ValueError as err:
         parser.error(str(err))
     return model
@@ -383,7 +385,8 @@ def segment(argv: Sequence[str] | None = None) -> int:
     """``spar-cli segment IMAGE_OR_DIR... --classes road car "person, man" --out DIR``: per image a colour overlay
     with a legend (``<stem>_overlay.png``), the palette label PNG (``<stem>_labels.png``) and, with ``--save-probs``,
     float16 class probabilities (``<stem>_probs.safetensors``), all at the image's original size."""
-    from spar_pl.api import SEGMENT_MODES, class_entries, segmentation_classes
+    from spar_pl.openvocab import parse_classes
+    from spar_pl.sliding import SEGMENT_MODES
 
     parser = _inference_parser("spar-cli segment", segment.__doc__, SEGMENT_MODES)
     group = parser.add_mutually_exclusive_group(required=True)
@@ -397,7 +400,10 @@ def segment(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")
     try:
-        parsed = segmentation_classes(class_entries(args.classes) if args.classes is not None else args.classes_file)
+        if args.classes is not None:
+            parsed = parse_classes(args.classes, min_classes=2, option="--classes")
+        else:
+            parsed = parse_classes(args.classes_file, min_classes=2)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     if len(parsed) > 256:
@@ -428,14 +434,14 @@ def segment(argv: Sequence[str] | None = None) -> int:
 def features(argv: Sequence[str] | None = None) -> int:
     """``spar-cli features IMAGE_OR_DIR... --out DIR``: dense features per image as ``<stem>.safetensors``, tensor
     ``features`` (1, C, h, w) (NCHW) with metadata (backbone, model, mode, stride, image and input sizes, dtype)."""
-    from spar_pl.api import MODES
+    from spar_pl.sliding import FEATURE_MODES
 
-    parser = _inference_parser("spar-cli features", features.__doc__, MODES)
+    parser = _inference_parser("spar-cli features", features.__doc__, FEATURE_MODES)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")
-    model = _load_model(args, parser, MODES)
+    model = _load_model(args, parser, FEATURE_MODES)
     print(f"{model}: mode {args.mode}, {args.dtype}{', upsampled to the image size' if args.upsample else ''}")
 
     def work(path: Path, stem: str) -> None:

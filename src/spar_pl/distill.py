@@ -15,14 +15,10 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
-from spar_pl.callbacks import CacheWriter, DataEpoch, LastCheckpoint, SkippedImages
+from spar_pl.callbacks import DataEpoch, SkippedImages
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.images import READER_VERSION
 from spar_pl.sliding import SlidingWindowTeacher
-
-# LastCheckpoint and CacheWriter live in spar_pl.callbacks; named here too, their old home, which the config.yaml
-# files saved next to earlier runs name (spar_pl.distill.LastCheckpoint)
-__all__ = ["CacheWriter", "DistillModule", "LastCheckpoint", "TeacherCacheTask"]
 
 #: the checkpoint entry holding the running epoch's training-loss sums
 TRAIN_LOSS_KEY = "train_loss_sums"
