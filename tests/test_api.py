@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 import spar_pl
 from spar_pl import api, images
 from spar_pl.api import ImageInputError, collect_images, output_stems, read_image
-from spar_pl.cli import sample_image
 from spar_pl.openvocab import parse_classes
+from spar_pl.scenes import scene_image
 from spar_pl.sliding import SlidingWindowTeacher
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
@@ -42,7 +42,7 @@ def clip() -> api.SPAR:
 
 @pytest.fixture(scope="module")
 def scene() -> Image.Image:
-    return sample_image(96, 144)
+    return scene_image(96, 144)
 
 
 def test_load_is_exported_lazily():
@@ -187,7 +187,7 @@ def test_bad_images_are_named(sl2, clip, tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
     with pytest.raises(ImageInputError, match="junk.jpg"):
         sl2.features(tmp_path / "junk.jpg")
-    sample_image(64, 64).save(tmp_path / "cut.png")
+    scene_image(64, 64).save(tmp_path / "cut.png")
     data = (tmp_path / "cut.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageInputError, match="cannot read image .*cut.png"):

@@ -92,22 +92,24 @@ class Segmentation:
         """The mask as a palette PNG image (pixel values are class indices)."""
         return label_image(self.mask, len(self.classes))
 
-    def save(self, out_dir: str | Path, stem: str, probs: bool = False) -> list[Path]:
+    def save(self, out_dir: str | Path, stem: str, probs: bool = False, name: str = "{stem}_{kind}") -> list[Path]:
         """Write ``<stem>_overlay.png``, ``<stem>_labels.png`` and, with ``probs``, ``<stem>_probs.safetensors``.
 
         Every file is written atomically. The probabilities are float16 ``(K, H, W)`` under the key ``probs``,
-        with the class names (JSON) in the metadata.
+        with the class names (JSON) in the metadata. ``name`` spells the file names (``{kind}_{stem}`` gives
+        ``overlay_<stem>.png`` ...).
         """
         out = Path(out_dir)
         paths = [
-            save_atomic(self.overlay(), out / f"{stem}_overlay.png"),
-            save_atomic(self.labels(), out / f"{stem}_labels.png"),
+            save_atomic(self.overlay(), out / f"{name.format(stem=stem, kind='overlay')}.png"),
+            save_atomic(self.labels(), out / f"{name.format(stem=stem, kind='labels')}.png"),
         ]
         if probs:
             if self.probs is None:
                 raise ValueError("no probabilities to save: call segment(..., return_probs=True)")
             meta = {"classes": json.dumps(self.classes), "synonyms": json.dumps(self.synonyms), "layout": "KHW"}
-            paths.append(save_safetensors({"probs": self.probs.half()}, out / f"{stem}_probs.safetensors", meta))
+            path = out / f"{name.format(stem=stem, kind='probs')}.safetensors"
+            paths.append(save_safetensors({"probs": self.probs.half()}, path, meta))
         return paths
 
 

@@ -10,7 +10,7 @@ runs the 18 evaluations of the paper's table; ``spar-cli config`` lists or print
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
 arguments it loads the shipped tiny model pretrained on generated shape scenes, segments a held-out scene
 and ends with a one-seed ``reproduce-tiny`` table (a short distillation), offline on a CPU; ``--backbone``
-alone builds a tiny random model (the older demo, with its tiny distillation and tiny table); pass
+alone builds a tiny random model (a generated scene, the tiny distillation and the tiny table); pass
 ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
 
 ``spar-cli reproduce-tiny`` measures single pass vs sliding window vs SPAR on generated scenes at 4x the native
@@ -33,47 +33,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-from spar_pl.encoders import BACKBONES, build_encoder
+from spar_pl.encoders import BACKBONES
 from spar_pl.images import read_image, to_pil
-from spar_pl.openvocab import OpenVocabHead
-from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
-from spar_pl.sliding import dense_features, window_starts
+from spar_pl.sliding import window_starts
 from spar_pl.testing import TINY_MODELS
-
-SAMPLE_CLASSES = ("sky", "grass, lawn", "house, building", "sun")
-
-
-def sample_image(height: int = 320, width: int = 480) -> Image.Image:
-    """A generated outdoor scene (sky, grass, a house, the sun) so the quickstart needs no files."""
-    img = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(img)
-    horizon = int(height * 0.55)
-    for y in range(horizon):
-        t = y / max(horizon - 1, 1)
-        draw.line([(0, y), (width, y)], fill=(int(90 + 80 * t), int(150 + 60 * t), 235))
-    for y in range(horizon, height):
-        t = (y - horizon) / max(height - horizon - 1, 1)
-        draw.line([(0, y), (width, y)], fill=(int(60 - 30 * t), int(150 - 50 * t), int(50 - 20 * t)))
-    draw.ellipse([width * 0.75, height * 0.08, width * 0.88, height * 0.08 + width * 0.13], fill=(250, 220, 60))
-    x0, x1, y0 = int(width * 0.2), int(width * 0.45), int(height * 0.35)
-    draw.rectangle([x0, y0, x1, int(height * 0.75)], fill=(170, 90, 60))
-    draw.polygon([(x0 - 10, y0), ((x0 + x1) // 2, int(height * 0.18)), (x1 + 10, y0)], fill=(120, 40, 40))
-    return img
-
-
-def shape_scene(seed: int = 0, size: int = 256) -> Image.Image:
-    """A held-out generated shape scene (:mod:`spar_pl.scenes`), the data the shipped tiny model was pretrained on."""
-    from spar_pl.scenes import make_scenes
-
-    image, _ = make_scenes(1, size, seed, "quickstart")
-    return to_pil(image[0])
 
 
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Run the quickstart; returns the measured numbers (also printed)."""
+    """Run the quickstart through :func:`spar_pl.load` (``SPAR.features``, ``SPAR.segment``, ``Segmentation.save``);
+    returns the measured numbers (also printed)."""
     parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=__doc__.split("\n\n")[1])
     parser.add_argument(
         "--backbone", default=None, choices=sorted(TINY_MODELS), help="default: the shipped pretrained tiny model"
@@ -93,76 +63,60 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--no-distill", action="store_true", help="skip the tiny distillation and table stages")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
     args = parser.parse_args(argv)
-    from spar_pl.api import autocast
+    from spar_pl.api import load
+    from spar_pl.openvocab import parse_classes
+    from spar_pl.scenes import SHAPE_CLASSES, scene_image
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        classes = [", ".join(names) for names in parse_classes(args.classes or SHAPE_CLASSES, 2, option="--classes")]
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     # No model named: the shipped tiny model pretrained on generated shape scenes (spar_pl.reproduce).
     shipped = args.backbone is None and args.model_name is None and args.weights is None and args.pretrained is None
     if shipped:
-        from spar_pl.reproduce import TINY_MODEL, load_tiny
-        from spar_pl.scenes import SHAPE_CLASSES
+        from spar_pl.reproduce import TINY_MODEL, shipped_weights
 
-        encoder, name, args.backbone = load_tiny(device=device), TINY_MODEL, "maskclip"
-        classes = args.classes or list(SHAPE_CLASSES)
+        args.backbone, name, pretrained, weights = "maskclip", TINY_MODEL, None, shipped_weights()
     else:
         args.backbone = args.backbone or "siglip2"
         name = args.model_name or (
             TINY_MODELS[args.backbone] if args.weights is None else BACKBONES[args.backbone]["model_name"]
         )
         pretrained = args.pretrained if args.pretrained is not None else "default"
-        try:
-            encoder = build_encoder(
-                args.backbone,
-                name,
-                pretrained=pretrained,
-                weights=args.weights,
-                device=device,
-                head_weights=args.head_weights,
-            )
-        except (OSError, ValueError, RuntimeError) as err:
-            raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
-        classes = args.classes or list(SAMPLE_CLASSES)
+        weights = args.weights
+    try:
+        model = load(args.backbone, None, device, name, pretrained, weights, args.head_weights, args.precision)
+        if args.image:  # the one image reader: EXIF, transparency, 16-bit, grayscale
+            image = to_pil(read_image(args.image))
+        elif shipped:  # a held-out scene of the kind the shipped model was pretrained on
+            image = scene_image(256, 256, args.seed, "quickstart")
+        else:
+            image = scene_image(320, 480, args.seed)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
     random_weights = name in TINY_MODELS.values()
     print(
         f"model: {args.backbone} / {name}"
         + (" (tiny, random weights: the masks are not meaningful)" if random_weights else "")
         + (" (tiny, pretrained on generated shape scenes at 64 px, shipped)" if shipped else "")
     )
+    crop = args.crop or model.encoder.native_size
+    n_windows = len(window_starts(image.height, crop, args.stride)) * len(window_starts(image.width, crop, args.stride))
+    print(f"image: {image.width}x{image.height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
 
-    if args.image:
-        try:
-            image = to_pil(read_image(args.image))  # the one image reader: EXIF, transparency, 16-bit, grayscale
-        except (OSError, ValueError) as err:
-            raise SystemExit(str(err)) from err
-    elif shipped:
-        image = shape_scene(args.seed)
-    else:
-        image = sample_image()
-    x = encoder.normalize(read_image(image)[None].to(device))
-    crop = args.crop or encoder.native_size
-    height, width = x.shape[-2:]
-    n_windows = len(window_starts(height, crop, args.stride)) * len(window_starts(width, crop, args.stride))
-    print(f"image: {width}x{height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        with autocast(args.precision, x.device):
-            single = encoder(x).float()
-        t1 = time.perf_counter()
-        with autocast(args.precision, x.device):
-            sliding = dense_features(encoder, x, "sliding-features", crop, args.stride).float()
-        t2 = time.perf_counter()
-        single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
-        cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
-        mse = F.mse_loss(single, sliding).item()
-        head = OpenVocabHead.from_encoder(encoder, segmentation_classes_or_exit(classes))
-        names = [synonyms[0] for synonyms in head.classes]
-        out = Path(args.out)
-        for tag, feats in (("single", single), ("sliding", sliding)):
-            mask = head.predict(feats, (image.height, image.width))[0].cpu().numpy()
-            save_atomic(overlay(image, mask, names), out / f"overlay_{tag}.png")
-            save_atomic(label_image(mask, len(names)), out / f"labels_{tag}.png")
+    t0 = time.perf_counter()
+    single = model.features(image)
+    t1 = time.perf_counter()
+    sliding = model.features(image, "sliding-features", args.stride, args.crop)
+    t2 = time.perf_counter()
+    single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
+    cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
+    mse = F.mse_loss(single, sliding).item()
+    out = Path(args.out)
+    for tag, mode in (("single", "single"), ("sliding", "sliding-features")):
+        model.segment(image, classes, mode, args.stride, args.crop).save(out, tag, name="{kind}_{stem}")
     numbers = {
         "single_pass_s": t1 - t0,
         "sliding_window_s": t2 - t1,
@@ -189,16 +143,6 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         print("the paper's table on tiny generated benchmarks (make table-tiny):")
         numbers["table"] = table_tiny(out)
     return numbers
-
-
-def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:
-    """``--classes`` entries (one class per argument, commas list synonyms), or exit with the reason."""
-    from spar_pl.openvocab import parse_classes
-
-    try:
-        return [", ".join(names) for names in parse_classes(arguments, min_classes=2, option="--classes")]
-    except ValueError as err:
-        raise SystemExit(f"spar-cli: {err}") from err
 
 
 def distill_demo(root: Path) -> dict[str, float]:
