@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spar_pl.encoders import DenseEncoder, build_encoder
-from spar_pl.testing import TINY_MODELS, write_sample_images
+from spar_pl.testing import TINY_MODELS, write_sample_images, write_tiny_benchmarks
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that tiny models have no pretrained weights
 
@@ -40,3 +40,9 @@ def images(tmp_path_factory):
     write_sample_images(root / "train", 6, seed=0)
     write_sample_images(root / "val", 2, seed=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """The six benchmarks in their official layouts, 3 generated images each, one per test module."""
+    return write_tiny_benchmarks(tmp_path_factory.mktemp("bench"), images=3)

@@ -1,6 +1,8 @@
 """Plain helpers shared by test modules (fixtures live in ``conftest.py``), and the callbacks the subprocess
 tests load through the CLI (``--trainer.callbacks+=tests.helpers.RecordIds``)."""
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -40,11 +42,14 @@ class RecordIds(L.Callback):
 
 
 class Interrupt(L.Callback):
-    """Stop a run with an error at the start of global step ``step``, as a crash or a killed job would."""
+    """Stop a run at the start of global step ``step``: with an error, as a crash would, or (``kill``) with SIGKILL,
+    as ``kill -9`` would (no hook, no flush: only what was on disk survives)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, kill: bool = False) -> None:
+        self.step, self.kill = step, kill
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"interrupted at step {self.step}")

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 import spar_pl
 from spar_pl import api, images
-from spar_pl.api import ImageInputError, class_entries, collect_images, output_stems, read_image, resolve_classes
-from spar_pl.cli import sample_image
+from spar_pl.api import ImageInputError, collect_images, output_stems, read_image
+from spar_pl.openvocab import parse_classes
+from spar_pl.scenes import scene_image
 from spar_pl.sliding import SlidingWindowTeacher
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
@@ -41,7 +42,7 @@ def clip() -> api.SPAR:
 
 @pytest.fixture(scope="module")
 def scene() -> Image.Image:
-    return sample_image(96, 144)
+    return scene_image(96, 144)
 
 
 def test_load_is_exported_lazily():
@@ -186,7 +187,7 @@ def test_bad_images_are_named(sl2, clip, tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
     with pytest.raises(ImageInputError, match="junk.jpg"):
         sl2.features(tmp_path / "junk.jpg")
-    sample_image(64, 64).save(tmp_path / "cut.png")
+    scene_image(64, 64).save(tmp_path / "cut.png")
     data = (tmp_path / "cut.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageInputError, match="cannot read image .*cut.png"):
@@ -212,10 +213,11 @@ def test_bad_images_are_named(sl2, clip, tmp_path):
 
 
 def test_class_lists_are_validated(sl2, scene, tmp_path):
-    assert class_entries([" road", "person,pedestrian ", "sky"]) == ["road", "person, pedestrian", "sky"]
+    arguments = [" road", "person,pedestrian ", "sky"]
+    assert parse_classes(arguments, option="--classes") == [["road"], ["person", "pedestrian"], ["sky"]]
     for args, message in (([], "empty"), ([" , "], "argument 1 is empty"), (["a", "b,,c"], "synonym is empty")):
         with pytest.raises(ValueError, match=message):
-            class_entries(args)
+            parse_classes(args, option="--classes")
     bad = {
         "no classes": [],
         "name 'car' appears in classes 0 and 2": ["car", "sky", "car"],
@@ -231,7 +233,7 @@ def test_class_lists_are_validated(sl2, scene, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         sl2.segment(scene, str(tmp_path / "nope.txt"))
     (tmp_path / "classes.txt").write_text("sky\ngrass, lawn\n\n", encoding="utf-8")
-    assert resolve_classes(tmp_path / "classes.txt") == [["sky"], ["grass", "lawn"]]
+    assert parse_classes(tmp_path / "classes.txt") == [["sky"], ["grass", "lawn"]]
     assert sl2.segment(scene, "voc20").classes[0] == "aeroplane"
 
 
@@ -271,7 +273,7 @@ def test_features_file_layout(sl2, scene, tmp_path):
     with safe_open(path, "pt") as fh:
         feats, meta = fh.get_tensor("features"), fh.metadata()
     assert feats.shape == (1, 64, 96, 144) and feats.dtype == torch.float32
-    assert (meta["mode"], meta["stride"], meta["crop"], meta["upsampled"]) == ("sliding", "24", "64", "true")
+    assert (meta["mode"], meta["stride"], meta["crop"], meta["upsampled"]) == ("sliding-features", "24", "64", "true")
     assert not list(tmp_path.rglob("*.tmp"))
 
 

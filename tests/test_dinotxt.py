@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spar_pl.cli import main, sample_image
+from spar_pl.cli import main
 from spar_pl.encoders import DinoTxtEncoder, DinoTxtModel, build_encoder
+from spar_pl.scenes import scene_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NAME = "spar-tiny-dinotxt"
@@ -383,7 +384,7 @@ def test_parity_with_the_official_dinotxt(monkeypatch):
 
 
 def test_segment_and_features_cli(files, tmp_path, capsys):
-    sample_image(50, 70).save(tmp_path / "a.png")
+    scene_image(50, 70).save(tmp_path / "a.png")
     weights = ["--weights", str(files[0]), "--head-weights", str(files[1])]
     main(
         ["segment", str(tmp_path / "a.png"), *TINY, *weights, "--classes", "sky", "grass", "--out", str(tmp_path / "s")]

@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -9,17 +8,8 @@ import pytest
 import torch
 
 from spar_pl.cli import main
-from spar_pl.data import (
-    PRESETS,
-    AugmentConfig,
-    StreamingImages,
-    augment,
-    augment_params,
-    image_rng,
-)
 from spar_pl.distill import DistillModule
 from spar_pl.encoders import build_encoder
-from spar_pl.testing import write_sample_images
 
 from .helpers import ROOT, fit_args
 
@@ -36,118 +26,6 @@ def test_every_shipped_config_parses_offline(config, capsys):
 
 def test_fast_dev_run(images, tmp_path):
     main(fit_args(images, tmp_path, "--trainer.fast_dev_run", "true"))
-
-
-def test_augmentation_follows_the_recipe():
-    cfg = PRESETS["paper"]
-    for k in range(200):
-        rng = image_rng(0, f"img{k}")
-        h, w = [(1500, 2250), (300, 400), (2000, 1000), (800, 800)][k % 4]
-        p = augment_params(h, w, rng, cfg)
-        x0, y0, x1, y1 = p["box"]
-        rh, rw = p["size"]
-        assert (y1 - y0) % 16 == 0 and (x1 - x0) % 16 == 0
-        assert 0 <= x0 < x1 <= rw and 0 <= y0 < y1 <= rh
-        assert min(y1 - y0, x1 - x0) >= 512 - 15  # at least 512 before flooring to 16
-        assert max(rh, rw) <= 2048 + 1 or min(rh, rw) == 512  # inside the box unless upscaled to 512
-    image = np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)
-    small = AugmentConfig(box=(256, 128), min_side=64)
-    p = augment_params(300, 500, image_rng(1, "a"), small)
-    out = augment(image, p)
-    assert out.shape == (p["box"][3] - p["box"][1], p["box"][2] - p["box"][0], 3)
-
-
-def test_fixed_mode_repeats_and_fresh_mode_changes(images):
-    small = AugmentConfig(box=(256, 128), min_side=64)
-    fixed = StreamingImages(str(images / "train"), 6, augmentation=small, mode="fixed", shuffle_buffer=0)
-    fresh = StreamingImages(str(images / "train"), 6, augmentation=small, mode="fresh", shuffle_buffer=0)
-    shapes = {}
-    for name, ds in (("fixed", fixed), ("fresh", fresh)):
-        runs = []
-        for epoch in (0, 1):
-            ds.set_epoch(epoch)
-            runs.append({s["id"]: s["image"] for s in ds})
-        shapes[name] = runs
-    a, b = shapes["fixed"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    c, d = shapes["fresh"]
-    assert any(c[k].shape != d[k].shape or not torch.equal(c[k], d[k]) for k in c)
-
-
-def test_ranks_see_disjoint_images_in_equal_numbers(images):
-    ranks = [StreamingImages(str(images / "train"), 3, rank=r, world_size=2, shuffle_buffer=4) for r in (0, 1)]
-    ids = [[s["id"] for s in ds] for ds in ranks]
-    assert len(ids[0]) == len(ids[1]) == 3
-    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 6
-
-
-def test_order_changes_every_epoch_and_every_image_is_seen_under_ddp(tmp_path):
-    """7 images on 2 ranks (3 each per epoch): the split dataset follows the epoch, so the order changes and the
-    image a rank leaves out is a different one each epoch."""
-    write_sample_images(tmp_path, 7, seed=3, size=(32, 48))
-    ranks = [StreamingImages(str(tmp_path), 3, rank=r, world_size=2, shuffle_buffer=4) for r in (0, 1)]
-    orders, seen = [], set()
-    for epoch in range(4):
-        ids = []
-        for ds in ranks:
-            ds.set_epoch(epoch)
-            ids.append([s["id"] for s in ds])
-        assert len(ids[0]) == len(ids[1]) == 3 and not set(ids[0]) & set(ids[1])
-        orders.append(ids[0] + ids[1])
-        seen.update(orders[-1])
-    assert len({tuple(o) for o in orders}) == 4  # a new order every epoch
-    assert len(seen) == 7  # no image left out of training for good
-
-
-def test_corrupt_image_is_skipped_named_and_counted(images, tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for p in sorted((images / "train").iterdir())[:3]:
-        (folder / p.name).write_bytes(p.read_bytes())
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    ds = StreamingImages(str(folder), 3, shuffle_buffer=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = [s["id"] for s in ds]
-    assert len(got) == 3 and "broken.jpg" not in got
-    assert any("broken.jpg" in str(w.message) for w in caught)
-    assert ds.skipped.value == 1
-
-
-def test_augmentation_caps_extreme_aspect_ratios():
-    cfg = PRESETS["paper"]
-    with pytest.raises(ValueError, match="extreme aspect ratio 4000x16"):
-        augment_params(16, 4000, image_rng(0, "strip"), cfg)
-    for k in range(20):  # 300x2000 upscales to 512x3413: the crop keeps at most the box's long side
-        p = augment_params(300, 2000, image_rng(k, "wide"), cfg)
-        x0, y0, x1, y1 = p["box"]
-        assert y1 - y0 == 512 and x1 - x0 <= 2048
-
-
-def test_bad_images_are_skipped_and_the_count_matches_the_names(images, tmp_path, monkeypatch):
-    """A decompression bomb, an extreme strip and (unaugmented, as validation) an image under one patch: each is
-    skipped, named once and counted once, and the stream still delivers its quota."""
-    from PIL import Image
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for p in sorted((images / "train").iterdir())[:3]:
-        (folder / p.name).write_bytes(p.read_bytes())
-    Image.new("RGB", (600, 500)).save(folder / "bomb.png")  # 300K pixels, over twice the limit set below
-    Image.new("RGB", (4000, 16)).save(folder / "strip.png")
-    Image.new("RGB", (12, 40)).save(folder / "tiny.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
-    small = AugmentConfig(box=(256, 128), min_side=64)
-    for augmentation, bad in ((small, {"bomb.png", "strip.png"}), (None, {"bomb.png", "tiny.png"})):
-        ds = StreamingImages(str(folder), 6, augmentation=augmentation, shuffle_buffer=0)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = [s["id"] for s in ds]
-        named = [
-            name for w in caught for name in ("bomb.png", "strip.png", "tiny.png") if f"{name} in" in str(w.message)
-        ]
-        assert len(got) == 6 and not set(got) & bad  # the quota is filled from the readable images
-        assert sorted(named) == sorted(bad) and ds.skipped.value == len(bad)
 
 
 @pytest.mark.slow
@@ -278,18 +156,35 @@ def test_ckpt_path_last_resumes_in_the_same_root(images, tmp_path, monkeypatch):
     assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2  # both epochs' losses in the run's one metrics.csv
 
 
+def metrics_rows(root):
+    """The rows of a run's one metrics.csv, as dicts of the non-empty values."""
+    import csv
+
+    (found,) = root.rglob("metrics.csv")
+    with found.open(newline="") as fh:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers):
-    """last.ckpt every 4 steps (tiny.yaml): a run killed at step 5 of a 6-step epoch resumes from step 4 and trains
-    on exactly the images, crops and order of an uninterrupted run, ending with equal weights."""
+@pytest.mark.parametrize(("workers", "kill"), [(0, False), (2, False), (0, True)], ids=["error", "workers", "kill-9"])
+def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, monkeypatch, workers, kill):
+    """last.ckpt every 4 steps (tiny.yaml): a run stopped (an error, or kill -9 of its process) at step 5 of a 6-step
+    epoch resumes from step 4 and trains on exactly the images, crops and order of an uninterrupted run, ending with
+    equal weights; the interrupted epoch's train/loss_epoch is the uninterrupted run's (the mean over all of its
+    steps, not only those after the resume) and metrics.csv holds every step once."""
     monkeypatch.chdir(ROOT)
     data = ("--data.init_args.mode", "fresh", "--data.init_args.num_workers", str(workers))
     main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *data, *record(tmp_path / "a")))
     root = tmp_path / "resumed"
     stop = ["--trainer.callbacks+=tests.helpers.Interrupt", "--trainer.callbacks.step=5"]
-    with pytest.raises(RuntimeError, match="interrupted at step 5"):
-        main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "b"), *stop))
+    interrupted = fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "b"), *stop)
+    if kill:
+        cmd = [sys.executable, "-m", "spar_pl.cli", *interrupted, "--trainer.callbacks.kill=true"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == -9, result.stderr[-3000:]
+    else:
+        with pytest.raises(RuntimeError, match="interrupted at step 5"):
+            main(interrupted)
     assert torch.load(next(root.rglob("last.ckpt")), weights_only=True)["global_step"] == 4
     main(fit_args(images, root, "--trainer.max_epochs", "2", *data, *record(tmp_path / "c"), "--ckpt_path", "last"))
     straight, resumed = trained_ids(tmp_path / "a"), trained_ids(tmp_path / "c")
@@ -298,6 +193,17 @@ def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, 
     (a, step_a), (b, step_b) = final_weights(tmp_path / "straight"), final_weights(root)
     assert step_a == step_b == 12
     assert_same_weights(a, b)
+    rows_a, rows_b = metrics_rows(tmp_path / "straight"), metrics_rows(root)
+    epoch_a = [float(r["train/loss_epoch"]) for r in rows_a if "train/loss_epoch" in r]
+    epoch_b = [float(r["train/loss_epoch"]) for r in rows_b if "train/loss_epoch" in r]
+    assert len(epoch_a) == len(epoch_b) == 2
+    assert epoch_b == epoch_a, (epoch_a, epoch_b)
+    logged_a, logged_b = (
+        [(int(r["step"]), k) for r in rows for k in r if k not in ("step", "epoch")] for rows in (rows_a, rows_b)
+    )
+    assert len(logged_b) == len(set(logged_b)), sorted(k for k in logged_b if logged_b.count(k) > 1)  # no step twice
+    assert logged_b == sorted(logged_b, key=lambda item: item[0])  # in step order
+    assert sorted(logged_b) == sorted(logged_a)  # the whole run's history, the steps before the checkpoint included
 
 
 @pytest.mark.slow
@@ -330,41 +236,6 @@ def test_ddp_two_processes_on_cpu(images, tmp_path):
         assert len(ids[0]) == len(ids[1]) == 3 and not ids[0] & ids[1], (epoch, ids)
 
 
-def test_missing_source_names_it(tmp_path):
-    from spar_pl.data import DistillDataModule
-
-    with pytest.raises(ValueError, match="no/such/folder"):
-        DistillDataModule(str(tmp_path / "no/such/folder")).setup("fit")
-
-
-def test_parquet_and_webdataset_sources(images, tmp_path):
-    import io
-    import tarfile
-
-    from datasets import Dataset
-    from datasets import Image as ImageFeature
-
-    files = sorted((images / "train").glob("*.jpg"))
-    table = Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in files]})
-    table.cast_column("image", ImageFeature()).to_parquet(str(tmp_path / "shard-0.parquet"))
-    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
-        for p in files:
-            info = tarfile.TarInfo(f"{p.stem}.jpg")
-            info.size = p.stat().st_size
-            tar.addfile(info, io.BytesIO(p.read_bytes()))
-    for source in (tmp_path / "shard-0.parquet", tmp_path / "shard-0.tar"):
-        got = list(StreamingImages(str(source), 6, shuffle_buffer=0))
-        assert len({s["id"] for s in got}) == 6, source
-        assert all(s["image"].shape[1] % 16 == 0 and s["image"].shape[2] % 16 == 0 for s in got)
-
-
-def test_loader_workers_split_the_stream(images):
-    ds = StreamingImages(str(images / "train"), 6, shuffle_buffer=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    ids = [s["id"] for s in loader]
-    assert sorted(ids) == sorted(p.name for p in (images / "train").glob("*.jpg"))
-
-
 def test_teacher_copies_only_the_vision_tower():
     module = tiny_module()
     teacher, student = module.teacher.encoder.model, module.student.model
@@ -375,31 +246,9 @@ def test_teacher_copies_only_the_vision_tower():
     assert not torch.equal(teacher.visual.trunk.pos_embed, student.visual.trunk.pos_embed)
 
 
-def test_nested_folders_keep_images_apart(images, tmp_path):
-    for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        (tmp_path / sub / "1.jpg").write_bytes(sorted((images / "train").glob("*.jpg"))[0].read_bytes())
-    ids = sorted(s["id"] for s in StreamingImages(str(tmp_path), 2, shuffle_buffer=0))
-    assert ids == ["a/1.jpg", "b/1.jpg"]
-
-
 def test_predict_gives_student_features(images):
     from spar_pl.data import DistillDataModule
 
     data = DistillDataModule(str(images / "train"), val_source=str(images / "val"))
     out = trainer(Path("."), enable_checkpointing=False).predict(tiny_module(), data)
     assert len(out) == 2 and out[0]["features"].shape[:2] == (1, 64)
-
-
-def test_configs_saved_by_earlier_runs_still_parse(tmp_path, capsys):
-    """``config.yaml`` files saved next to earlier runs name ``spar_pl.distill.LastCheckpoint`` (its old home)."""
-    import shutil
-
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    fragment = tmp_path / "configs" / "fragments" / "callbacks-tiny.yaml"
-    fragment.write_text(
-        fragment.read_text().replace("spar_pl.callbacks.LastCheckpoint", "spar_pl.distill.LastCheckpoint")
-    )
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(tmp_path / "configs" / "distill" / "tiny.yaml"), "--print_config"])
-    assert exc.value.code == 0 and "class_path: spar_pl.distill.LastCheckpoint" in capsys.readouterr().out

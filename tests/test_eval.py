@@ -4,73 +4,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from spar_pl.evaluate import SegEvalModule
-from spar_pl.segdata import BENCHMARKS, SegDataModule, SegDataset, eval_size, read_label
-from spar_pl.table import render_table, table_runs
-from spar_pl.testing import write_tiny_benchmarks
+from spar_pl.segdata import SegDataModule, SegDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return write_tiny_benchmarks(tmp_path_factory.mktemp("bench"), images=3)
-
-
-def test_eval_size_rule():
-    assert eval_size(375, 500) == (672, 896)  # VOC is upscaled
-    assert eval_size(1024, 2048, 2048, 1024) == (1024, 2048)  # Cityscapes native
-    assert eval_size(512, 683) == (672, 896)
-    assert eval_size(3000, 1000) == (2016, 672)
-
-
-def test_reduce_zero_label(tmp_path):
-    path = tmp_path / "l.png"
-    Image.fromarray(np.array([[0, 1, 2], [255, 150, 3]], np.uint8)).save(path)
-    assert read_label(path, reduce_zero_label=True).tolist() == [[255, 0, 1], [255, 149, 2]]
-    assert read_label(path).tolist() == [[0, 1, 2], [255, 150, 3]]
-
-
-@pytest.mark.parametrize("name", list(BENCHMARKS))
-def test_each_reader_on_its_official_layout(bench, name):
-    data = SegDataset(name, bench[name])
-    assert len(data) == 3
-    sample = data[0]
-    label, image = sample["label"], sample["image"]
-    h, w = label.shape
-    assert image.shape[1:] == eval_size(h, w, *BENCHMARKS[name].max_sides)
-    assert 0 <= image.min() and image.max() <= 1
-    valid = label[label != 255]
-    assert valid.numel() > 0 and valid.max() < {"voc21": 21, "voc20": 20, "context60": 60}.get(name, 150)
-    if name == "voc21":  # palette PNG read as indices, 255 border kept
-        assert (label[:2] == 255).all()
-
-
-def test_missing_layout_errors_name_the_path(bench, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*JPEGImages"):
-        SegDataset("voc21", tmp_path / "nowhere")
-    (tmp_path / "VOC2012").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"ImageSets/Segmentation/val.txt"):
-        SegDataset("voc21", tmp_path / "VOC2012")
-    root = bench["voc20"]
-    data = SegDataset("voc20", root)
-    label = data.samples[1][1]
-    saved = label.read_bytes()
-    try:
-        label.write_bytes(b"broken")
-        with pytest.raises(ValueError, match=label.name):
-            data[1]
-        label.unlink()
-        with pytest.raises(FileNotFoundError, match=label.name):
-            data[1]
-    finally:
-        label.write_bytes(saved)
 
 
 def tiny_eval(**kwargs):
@@ -147,34 +88,6 @@ def test_sliding_mode_and_checkpoint_rows(bench, tmp_path):
     assert set(entry["per_class_IoU"]) == {n[0] for n in base.classes}
 
 
-def test_table_runs_and_rendering(tmp_path):
-    runs = table_runs("maskclip", "spar.ckpt")
-    assert len(runs) == 18
-    modes = {
-        row: [a[a.index("--model.init_args.mode") + 1] if "--model.init_args.mode" in a else "single"][0]
-        for _, row, a in runs
-    }
-    assert modes == {
-        "pretrained, single pass": "single",
-        "pretrained, sliding window s=24": "sliding",
-        "SPAR": "single",
-    }
-    assert not any("--model.init_args.area_thd" in a for _, _, a in runs)  # the config carries the protocol
-    evals = {d: Path(a[a.index("--config") + 1]).name for d, _, a in runs}
-    assert evals["voc21"] == "voc21-maskclip.yaml" and evals["voc20"] == "voc20.yaml"
-    for backbone, voc21 in (("maskclip-legacy", "voc21-maskclip.yaml"), ("siglip2", "voc21.yaml")):
-        assert {Path(a[a.index("--config") + 1]).name for d, _, a in table_runs(backbone, None) if d == "voc21"} == {
-            voc21
-        }
-    entries = [{"dataset": d, "row": r, "mIoU": 10.0 + i, "seconds_per_image": 0.5} for i, (d, r, _) in enumerate(runs)]
-    (tmp_path / "b.json").write_text(json.dumps(entries))
-    table = render_table(tmp_path / "b.json", tmp_path / "b.md")
-    lines = table.splitlines()
-    assert lines[2].split("|")[1:-1][1:8] == [" VOC21 ", " VOC20 ", " City ", " ADE ", " C60 ", " C59 ", " mean "]
-    spar = next(line for line in lines if line.startswith("| SPAR"))
-    assert spar.split("|")[2].strip() == "12.0" and (tmp_path / "b.md").read_text() == table
-
-
 @pytest.mark.slow
 def test_ddp_counts_every_image_exactly_once(bench, tmp_path):
     """3 images on 2 CPU processes: the same per-class IoU and pixel count as one process."""
@@ -195,21 +108,6 @@ def test_ddp_counts_every_image_exactly_once(bench, tmp_path):
     assert ddp["pixels"] == single["pixels"]
     assert ddp["per_class_IoU"] == pytest.approx(single["per_class_IoU"], abs=1e-9)
     assert ddp["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
-
-
-@pytest.mark.slow
-def test_table_tiny_end_to_end(tmp_path):
-    from spar_pl.table import table_command
-
-    table = table_command(["--tiny", "--results", str(tmp_path)])
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == [
-        "pretrained, single pass",
-        "pretrained, sliding window s=24",
-        "SPAR",
-    ]
-    assert all(cell.strip() not in ("-", "") for r in rows for cell in r.split("|")[2:10])  # every cell filled
-    assert (tmp_path / "tiny.md").is_file() and len(json.loads((tmp_path / "tiny.json").read_text())) == 18
 
 
 def test_predict_returns_masks_at_label_size(bench):
@@ -280,7 +178,7 @@ def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(ben
     (tmp_path / "t.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"results file .*t\.json is not valid JSON"):
         run_test(module, SegDataModule("voc20", str(bench["voc20"])))
-    assert int(module.images) == 0 and (tmp_path / "t.json").read_text() == "{not json"
+    assert module.images.update_count == 0 and (tmp_path / "t.json").read_text() == "{not json"
     (tmp_path / "t.json").unlink()
     run_test(module, SegDataModule("voc20", str(bench["voc20"])))
     entries = json.loads((tmp_path / "t.json").read_text())

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from spar_pl.cli import main, sample_image
+from spar_pl.cli import main
+from spar_pl.scenes import scene_image
 
 TINY = ["--backbone", "siglip2", "--model-name", "spar-tiny-sl2"]
 
@@ -18,9 +19,9 @@ def folder(tmp_path):
     """Images of different sizes and kinds, a corrupt JPEG and a text file."""
     images = tmp_path / "images"
     images.mkdir()
-    sample_image(80, 120).save(images / "scene.jpg")
-    sample_image(50, 70).convert("L").save(images / "gray.png")
-    rgba = np.asarray(sample_image(40, 90).convert("RGBA")).copy()
+    scene_image(80, 120).save(images / "scene.jpg")
+    scene_image(50, 70).convert("L").save(images / "gray.png")
+    rgba = np.asarray(scene_image(40, 90).convert("RGBA")).copy()
     rgba[:10, :, 3] = 0
     Image.fromarray(rgba).save(images / "logo.png")
     Image.fromarray((np.random.default_rng(0).random((33, 47)) * 65535).astype(np.uint16)).save(images / "depth.png")
@@ -60,7 +61,7 @@ def test_segment_directory_continues_past_a_corrupt_file(folder, tmp_path, capsy
 
 
 def test_segment_class_file_sliding_and_max_side(tmp_path, capsys):
-    sample_image(100, 160).save(tmp_path / "a.png")
+    scene_image(100, 160).save(tmp_path / "a.png")
     (tmp_path / "classes.txt").write_text("sky\ngrass, lawn\nhouse, building\n", encoding="utf-8")
     argv = ["segment", str(tmp_path / "a.png"), "--classes-file", str(tmp_path / "classes.txt"), *TINY]
     argv += ["--mode", "sliding", "--stride", "32", "--max-side", "96", "--out", str(tmp_path / "o")]
@@ -88,7 +89,7 @@ def test_segment_rejects_bad_class_lists(classes, message, tmp_path, capsys):
 
 
 def test_missing_checkpoint_and_unknown_model(tmp_path, capsys):
-    sample_image(32, 32).save(tmp_path / "a.png")
+    scene_image(32, 32).save(tmp_path / "a.png")
     missing = tmp_path / "nowhere" / "spar.ckpt"
     for command, extra in ((["segment"], ["--classes", "sky", "grass"]), (["features"], [])):
         argv = [*command, str(tmp_path / "a.png"), *extra, *TINY, "--checkpoint", str(missing)]
@@ -105,8 +106,8 @@ def test_missing_checkpoint_and_unknown_model(tmp_path, capsys):
 def test_features_command(tmp_path, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-    sample_image(64, 96).save(tmp_path / "a" / "img.png")
-    sample_image(48, 40).save(tmp_path / "b" / "img.png")
+    scene_image(64, 96).save(tmp_path / "a" / "img.png")
+    scene_image(48, 40).save(tmp_path / "b" / "img.png")
     out = tmp_path / "f"
     code, stdout, _ = run(["features", str(tmp_path / "a"), str(tmp_path / "b"), *TINY, "--out", str(out)], capsys)
     assert code == 0 and "features: 2 of 2 images done" in stdout
@@ -123,7 +124,12 @@ def test_features_command(tmp_path, capsys):
     with safe_open(str(out / "img.safetensors"), "pt") as fh:
         feats, meta = fh.get_tensor("features"), fh.metadata()
     assert feats.shape == (1, 64, 64, 96) and feats.dtype == torch.float32
-    assert (meta["mode"], meta["stride"], meta["upsampled"], meta["dtype"]) == ("sliding", "24", "true", "float32")
+    assert (meta["mode"], meta["stride"], meta["upsampled"], meta["dtype"]) == (
+        "sliding-features",
+        "24",
+        "true",
+        "float32",
+    )
     code, _, stderr = run(["features", str(tmp_path / "nothing.png"), *TINY, "--out", str(out)], capsys)
     assert code == 1 and "image not found: " in stderr and "nothing.png" in stderr
 

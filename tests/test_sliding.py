@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spar_pl.sliding import SlidingWindowTeacher, upsample_factor, window_starts
-from spar_pl.testing import naive_teacher, naive_upsample_factor, naive_window_starts
+from spar_pl.testing import naive_teacher
 
 
 class PatchStatEncoder(nn.Module):
@@ -34,17 +34,68 @@ def test_window_starts_include_the_edge_window():
         window_starts(100, 64, 0)
 
 
-@pytest.mark.parametrize(
-    ("stride", "factor"), [(8, 2), (16, 1), (24, 2), (32, 1), (56, 2), (112, 1), (224, 1), (12, 4), (7, 16)]
-)
-def test_upsample_factor(stride, factor):
-    assert upsample_factor(16, stride) == factor == naive_upsample_factor(16, stride)
+# Worked by hand from docs/method.md section 2, step 1: range(0, L - c + 1, s), then L - c if the last start is not it;
+# a side no longer than the crop: [0]. (L, c, s): starts.
+HAND_STARTS = {
+    (100, 64, 24): [0, 24, 36],  # range(0, 37, 24) = 0, 24; 24 != 36: add 36
+    (112, 64, 24): [0, 24, 48],  # range(0, 49, 24) ends on 48 = L - c
+    (64, 64, 24): [0],
+    (50, 64, 24): [0],
+    (65, 64, 24): [0, 1],  # L - c = 1
+    (200, 96, 40): [0, 40, 80, 104],  # patch 8: L - c = 104
+    (336, 112, 56): [0, 56, 112, 168, 224],  # patch 14: ends on L - c = 224
+    (518, 224, 24): [*range(0, 289, 24), 294],  # patch 14 (DINOv2's 518): 0 ... 288, then 294
+    (512, 224, 24): list(range(0, 289, 24)),  # 288 = 12 x 24 = L - c
+    (300, 128, 48): [0, 48, 96, 144, 172],  # patch 16/32: L - c = 172
+    (1000, 448, 32): [*range(0, 545, 32), 552],  # patch 32: 0 ... 544, then 552
+    (100, 32, 7): [0, 7, 14, 21, 28, 35, 42, 49, 56, 63, 68],
+}
+
+# Step 2 by hand: the smallest divisor u of p with s % (p // u) == 0, trying u = 1, 2, ... (p, s): u.
+HAND_FACTORS = {
+    (8, 24): 1,  # 24 % 8 == 0
+    (8, 12): 2,  # 12 % 8 = 4; u = 2: 12 % 4 == 0
+    (8, 6): 4,  # 6 % 8, 6 % 4 fail; u = 4: 6 % 2 == 0
+    (8, 5): 8,
+    (14, 28): 1,
+    (14, 21): 2,  # 21 % 14 = 7; u = 2: 21 % 7 == 0
+    (14, 24): 7,  # 24 % 14 = 10, 24 % 7 = 3; u = 7: 24 % 2 == 0
+    (14, 9): 14,  # no divisor of 14 but 1 divides 9
+    (16, 8): 2,
+    (16, 16): 1,
+    (16, 24): 2,  # the reference: stride 24, patch 16, cell 8
+    (16, 12): 4,  # 12 % 16, 12 % 8 fail; u = 4: 12 % 4 == 0
+    (16, 56): 2,
+    (16, 112): 1,
+    (16, 32): 1,
+    (16, 224): 1,
+    (16, 7): 16,
+    (32, 64): 1,
+    (32, 48): 2,  # 48 % 32 = 16; u = 2: 48 % 16 == 0
+    (32, 24): 4,  # 24 % 32, 24 % 16 fail; u = 4: 24 % 8 == 0
+    (32, 20): 8,  # 20 % 8 = 4; u = 8: 20 % 4 == 0
+    (32, 3): 32,
+}
 
 
-def test_window_starts_equal_the_reference_rule():
+@pytest.mark.parametrize(("args", "starts"), HAND_STARTS.items(), ids=str)
+def test_window_starts_by_hand(args, starts):
+    assert window_starts(*args) == starts
+
+
+@pytest.mark.parametrize(("args", "factor"), HAND_FACTORS.items(), ids=str)
+def test_upsample_factor_by_hand(args, factor):
+    assert upsample_factor(*args) == factor
+
+
+def test_window_starts_by_brute_force():
+    """Every offset checked against the definition: a start is a multiple of the stride that leaves a whole window,
+    or the far edge's window; together the windows cover the side."""
     for size in range(1, 300):
-        for crop, stride in ((64, 24), (64, 64), (32, 7), (224, 24)):
-            assert window_starts(size, crop, stride) == naive_window_starts(size, crop, stride), (size, crop, stride)
+        for crop, stride in ((64, 24), (64, 64), (32, 7), (224, 24), (28, 14)):
+            last = max(size - crop, 0)
+            expected = [t for t in range(last + 1) if t % stride == 0 or t == last]
+            assert window_starts(size, crop, stride) == expected, (size, crop, stride)
 
 
 @pytest.mark.parametrize(

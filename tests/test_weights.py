@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import spar_pl
-from spar_pl.cli import main, sample_image
+from spar_pl.cli import main
 from spar_pl.encoders import build_encoder
+from spar_pl.scenes import scene_image
 from spar_pl.weights import CheckpointError, load_checkpoint, read_state_dict
 
 TINY = {"siglip2": "spar-tiny-sl2", "maskclip": "spar-tiny-clip"}
@@ -164,7 +165,7 @@ def test_not_a_checkpoint(tmp_path, content):
 
 
 def test_an_image_as_checkpoint_or_weights_is_not_a_checkpoint(tmp_path):
-    sample_image(40, 60).save(tmp_path / "photo.png")
+    scene_image(40, 60).save(tmp_path / "photo.png")
     with pytest.raises(CheckpointError, match="not a checkpoint.*a PNG image"):
         build_encoder("siglip2", "spar-tiny-sl2", checkpoint=tmp_path / "photo.png")
     with pytest.raises(CheckpointError, match="not a checkpoint"):
@@ -197,7 +198,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
 
 
 def entry_points(path: Path, tmp_path: Path) -> dict[str, list[str]]:
-    sample_image(64, 96).save(tmp_path / "scene.png")
+    scene_image(64, 96).save(tmp_path / "scene.png")
     common = ["--backbone", "siglip2", "--model-name", "spar-tiny-sl2", "--checkpoint", str(path)]
     return {
         "segment": ["segment", str(tmp_path / "scene.png"), "--classes", "sky", "grass", *common, "--out", "seg"],

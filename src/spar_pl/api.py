@@ -39,9 +39,9 @@ from spar_pl.images import (
     read_image,
     to_pil,
 )
-from spar_pl.openvocab import BENCHMARK_CLASSES, SEGMENT_MODES, OpenVocabHead, parse_classes
+from spar_pl.openvocab import OpenVocabHead, parse_classes
 from spar_pl.render import label_image, overlay, save_atomic
-from spar_pl.sliding import FEATURE_MODES, dense_features
+from spar_pl.sliding import FEATURE_MODES, SEGMENT_MODES, check_window, dense_features, resolve_mode
 
 __all__ = [
     "SPAR",
@@ -52,71 +52,10 @@ __all__ = [
     "output_stems",
     "read_image",
     "run_images",
-    "class_entries",
 ]
 
-#: ``features`` modes: single pass, or the sliding-window teacher's features.
-MODES = FEATURE_MODES
 #: ``format`` metadata of the features files written by :meth:`SPAR.write_features`.
 FEATURES_FORMAT = "spar-pl/features/v1"
-
-
-# -- classes ---------------------------------------------------------------------------------------------
-
-
-def class_entries(arguments: Sequence[str], option: str = "--classes") -> list[str]:
-    """Class entries from command-line arguments: one class per argument, commas inside an argument separate its
-    synonyms (``--classes road car "person, pedestrian" sky``), the same syntax everywhere (``segment``,
-    ``quickstart``, the API's list of entries and, one entry a line, class files).
-
-    Raises:
-        ValueError: no argument, an empty argument, or an empty synonym, naming it.
-    """
-    if not arguments:
-        raise ValueError(f'{option} is empty: give one class per argument, e.g. {option} road car "person, pedestrian"')
-    entries = []
-    for k, argument in enumerate(arguments, 1):
-        names = [name.strip() for name in str(argument).split(",")]
-        if not any(names):
-            raise ValueError(f"{option}: argument {k} is empty")
-        if not all(names):
-            raise ValueError(f"{option} {argument!r}: a synonym is empty (two commas in a row or a trailing comma?)")
-        entries.append(", ".join(names))
-    return entries
-
-
-def resolve_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
-    """Classes as lists of synonyms, validated by :func:`~spar_pl.openvocab.parse_classes` (names differing
-    only in case count as duplicates), refusing a comma-separated string that is not a class file.
-
-    Raises:
-        ValueError: no classes, an empty name, a duplicate name, or a string that is neither a class file nor
-            a benchmark name.
-        FileNotFoundError: a class file that does not exist.
-    """
-    if isinstance(classes, str) and "," in classes and not Path(classes).is_file():
-        raise ValueError(
-            f"classes {classes!r} is a string but not a class file; pass a list of class names, e.g. "
-            f"['road', 'car', 'sky'], a class-file path or a benchmark name ({', '.join(BENCHMARK_CLASSES)})"
-        )
-    return parse_classes(classes)
-
-
-def segmentation_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
-    """:func:`resolve_classes`, and at least two classes: one class segments nothing (every pixel is that class),
-    and a single entry with commas is most often a class list mistaken for synonyms.
-
-    Raises:
-        ValueError: as :func:`resolve_classes`, or a single class (the message says how to give several).
-    """
-    parsed = resolve_classes(classes)
-    if len(parsed) < 2:
-        hint = f": {', '.join(parsed[0])!r} are synonyms of one class" if len(parsed[0]) > 1 else ""
-        raise ValueError(
-            f"segmentation needs at least two classes, got one{hint}; give one entry per class (command line: one "
-            "argument per class, e.g. --classes road car sky; commas inside an entry list its synonyms)"
-        )
-    return parsed
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -153,22 +92,24 @@ class Segmentation:
         """The mask as a palette PNG image (pixel values are class indices)."""
         return label_image(self.mask, len(self.classes))
 
-    def save(self, out_dir: str | Path, stem: str, probs: bool = False) -> list[Path]:
+    def save(self, out_dir: str | Path, stem: str, probs: bool = False, name: str = "{stem}_{kind}") -> list[Path]:
         """Write ``<stem>_overlay.png``, ``<stem>_labels.png`` and, with ``probs``, ``<stem>_probs.safetensors``.
 
         Every file is written atomically. The probabilities are float16 ``(K, H, W)`` under the key ``probs``,
-        with the class names (JSON) in the metadata.
+        with the class names (JSON) in the metadata. ``name`` spells the file names (``{kind}_{stem}`` gives
+        ``overlay_<stem>.png`` ...).
         """
         out = Path(out_dir)
         paths = [
-            save_atomic(self.overlay(), out / f"{stem}_overlay.png"),
-            save_atomic(self.labels(), out / f"{stem}_labels.png"),
+            save_atomic(self.overlay(), out / f"{name.format(stem=stem, kind='overlay')}.png"),
+            save_atomic(self.labels(), out / f"{name.format(stem=stem, kind='labels')}.png"),
         ]
         if probs:
             if self.probs is None:
                 raise ValueError("no probabilities to save: call segment(..., return_probs=True)")
             meta = {"classes": json.dumps(self.classes), "synonyms": json.dumps(self.synonyms), "layout": "KHW"}
-            paths.append(save_safetensors({"probs": self.probs.half()}, out / f"{stem}_probs.safetensors", meta))
+            path = out / f"{name.format(stem=stem, kind='probs')}.safetensors"
+            paths.append(save_safetensors({"probs": self.probs.half()}, path, meta))
         return paths
 
 
@@ -289,22 +230,20 @@ class SPAR:
         return pixels, self.encoder.normalize(x), describe(image)
 
     def _encode(self, x: torch.Tensor, name: str, mode: str, stride: int, crop: int | None) -> torch.Tensor:
-        """Single-pass (``single``) or sliding-window teacher (``sliding``) features of a normalised input."""
+        """Single-pass (``single``) or sliding-window teacher (``sliding-features``) features of a normalised input."""
         try:
             with torch.inference_mode(), autocast(self.precision, x.device):
                 return dense_features(self.encoder, x, mode, crop, stride).float()
         except ValueError as err:  # e.g. an image smaller than one patch: say which image
             raise ImageInputError(f"{name}: {err}") from err
 
-    def check_mode(self, mode: str, stride: int, modes: Sequence[str], crop: int | None = None) -> None:
-        """Raise ``ValueError`` for an unknown mode, a stride below 1 or a crop that is not a multiple of the patch."""
-        if mode not in modes:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(modes)}")
-        if mode != "single" and stride < 1:
-            raise ValueError(f"the sliding-window stride must be a positive number of pixels, got {stride}")
-        p = self.encoder.patch_size
-        if mode != "single" and crop is not None and (crop < p or crop % p):
-            raise ValueError(f"the sliding-window crop must be a multiple of the {p}px patch, got {crop}")
+    def check_mode(self, mode: str, stride: int, modes: Sequence[str], crop: int | None = None) -> str:
+        """``mode`` resolved among ``modes`` (:func:`~spar_pl.sliding.resolve_mode`: ``sliding`` is the context's
+        sliding window), its window checked (:func:`~spar_pl.sliding.check_window`). Raises ``ValueError``."""
+        mode = resolve_mode(mode, tuple(modes))
+        if mode != "single":
+            check_window(int(crop or self.encoder.native_size), stride, self.encoder.patch_size)
+        return mode
 
     def features(
         self,
@@ -320,7 +259,8 @@ class SPAR:
 
         Args:
             image: a path, PIL image, numpy array or tensor (see the module notes).
-            mode: ``single`` (one pass, SPAR's point) or ``sliding`` (the sliding-window teacher).
+            mode: ``single`` (one pass, SPAR's point) or ``sliding-features`` (the sliding-window teacher;
+                ``sliding`` for short).
             stride: window stride of the sliding mode.
             crop: window side of the sliding mode (default: the largest multiple of the patch within the model's
                 pretraining size).
@@ -352,11 +292,11 @@ class SPAR:
 
     def _encoded(self, image, mode, stride, crop, upsample, max_side, dtype) -> tuple[torch.Tensor, dict[str, str]]:
         """Patch-grid features of an image (float32) and the metadata of the run."""
-        self.check_mode(mode, stride, MODES, crop)
+        mode = self.check_mode(mode, stride, FEATURE_MODES, crop)
         pixels, x, name = self._input(image, max_side)
         feats = self._encode(x, name, mode, stride, crop)
         size = tuple(pixels.shape[-2:])
-        sliding = mode == "sliding"
+        sliding = mode != "single"
         info = {
             "format": FEATURES_FORMAT,
             "layout": "NCHW",
@@ -413,7 +353,7 @@ class SPAR:
         Raises:
             ValueError: a bad class list, or a single class (nothing to segment; commas in an entry list synonyms).
         """
-        parsed = segmentation_classes(classes)
+        parsed = parse_classes(classes, min_classes=2)
         head = self._head
         if head is None or (head.classes, head.logit_scale, head.prob_thd) != (parsed, logit_scale, prob_thd):
             entries = [", ".join(names) for names in parsed]
@@ -445,8 +385,9 @@ class SPAR:
             image: a path, PIL image, numpy array or tensor (see the module notes).
             classes: class entries (``"name"`` or ``"name, synonym, ..."``), a class-file path or a benchmark
                 name; at least one, no name twice.
-            mode: ``single`` (one pass); ``sliding`` (the authors' evaluation baseline: logits-level sliding
-                window); ``sliding-features`` (the distillation teacher's sliding-window features, then the head).
+            mode: ``single`` (one pass); ``sliding-logits`` (the authors' evaluation baseline: logits-level sliding
+                window; ``sliding`` for short); ``sliding-features`` (the distillation teacher's sliding-window
+                features, then the head).
             stride, crop, max_side: as in :meth:`features`.
             logit_scale: multiplier on cosine similarities before the softmax over synonyms.
             prob_thd: pixels whose best class score is below this become class 0.
@@ -455,7 +396,7 @@ class SPAR:
                 class names in the metadata), without holding them in memory.
             window_batch: windows per encoder call in the sliding modes.
         """
-        self.check_mode(mode, stride, SEGMENT_MODES, crop)
+        mode = self.check_mode(mode, stride, SEGMENT_MODES, crop)
         head = self.head(classes, logit_scale, prob_thd)  # first: a bad class list fails before any compute
         pixels, x, name = self._input(image, max_side)
         size = tuple(pixels.shape[-2:])

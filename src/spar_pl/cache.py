@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from spar_pl.fileio import save_safetensors, write_text
 
 #: What every entry must match. ``reader``: the image decoding rules (:data:`spar_pl.images.READER_VERSION`); a cache
-#: written under other rules (e.g. before EXIF orientation and transparency were applied in training) is stale.
+#: written under other rules (another orientation or transparency handling, say) is stale.
 MANIFEST_KEYS = ("backbone", "model_name", "weights", "crop", "stride", "seed", "augmentation", "precision", "reader")
 _ERRORS = (SafetensorError, OSError, ValueError, KeyError, RuntimeError, struct.error, json.JSONDecodeError)
 

@@ -7,12 +7,15 @@ callbacks do the loop's bookkeeping around them, and the tasks attach the ones t
 * :class:`DataEpoch` gives the data module the epoch (its shuffle and, in ``fresh`` mode, augmentation);
 * :class:`SkippedImages` counts the unusable images the stream skipped, over all ranks, and says so;
 * :class:`LastCheckpoint` writes ``last.ckpt`` every N steps and at every epoch's end (resumable runs);
+* :class:`MetricsHistory` keeps a resumed run's ``metrics.csv`` history (each step once);
 * :class:`CacheWriter` writes the teacher cache from ``spar-cli cache``'s predictions;
 * :class:`ResultsFile` appends an evaluation's numbers to ``results/<name>.json``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import warnings
 from pathlib import Path
@@ -25,12 +28,18 @@ from spar_pl.fileio import write_text
 
 
 class DataEpoch(L.Callback):
-    """Tell the data module (if it has ``set_epoch``) which epoch starts: every rank shuffles alike."""
+    """Tell the data module (if it has ``set_epoch``/``end_epoch``) which epoch starts and which is complete: every
+    rank shuffles alike, and a checkpoint records the epoch a resumed run continues with."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if hasattr(datamodule, "end_epoch"):
+            datamodule.end_epoch(trainer.current_epoch)
 
 
 class SkippedImages(L.Callback):
@@ -52,8 +61,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     A long epoch is not lost to a stop mid-epoch: the checkpoint holds the training loader's position
     (:class:`~spar_pl.data.ResumableLoader`), so a resumed run continues with the next image. Lightning's
-    ``ModelCheckpoint`` takes either a step or an epoch interval, not both; this one does both and keeps no other
-    file.
+    ``ModelCheckpoint`` takes either a step or an epoch interval, not both: the step interval is its own, the
+    epoch end is written here with ``Trainer.save_checkpoint`` (once, when the step interval did not just write
+    it). No other file is kept. A ``ModelCheckpoint`` still, so that Lightning's ``ckpt_path="last"`` finds it.
 
     Args:
         every_n_train_steps: steps between mid-epoch checkpoints (0: at epoch ends only).
@@ -68,13 +78,63 @@ class LastCheckpoint(ModelCheckpoint):
             save_last=True,
             save_top_k=0,
             every_n_train_steps=every_n_train_steps or None,
-            every_n_epochs=None if every_n_train_steps else 1,
             save_on_train_epoch_end=True,
         )
+        self.step_interval = every_n_train_steps
+        self.written_step = -1
+
+    def written_at(self, step: int) -> bool:
+        """Whether ``last.ckpt`` holds global step ``step`` (the step interval's save or this callback's)."""
+        return bool(self.step_interval and step and step % self.step_interval == 0) or step == self.written_step
+
+    def write_last(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` now (every rank calls it; the strategy writes the file once)."""
+        path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = path  # part of the callback's state in the checkpoint: set before saving
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self.written_step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(self)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # skips a step that was just saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not (trainer.fast_dev_run or trainer.sanity_checking or self.written_at(trainer.global_step)):
+            self.write_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (trainer.fast_dev_run or self.written_at(trainer.global_step)):
+            self.write_last(trainer)  # a run stopped between epoch ends (max_steps) ends with its last step
+
+
+class MetricsHistory(L.Callback):
+    """Log a resumed run's metrics history again, so that its ``metrics.csv`` holds the whole run once.
+
+    A CSV logger replaces the ``metrics.csv`` of the run folder it continues; this callback holds that file's text
+    (read before the logger opened it) and, when training starts from the checkpoint, logs its rows before the
+    checkpoint's global step through the logger, in order. Rows from the checkpoint's step on are left out: the
+    resumed run logs those steps itself (no step twice).
+
+    Args:
+        text: the run's ``metrics.csv`` as it was; logger: the run's (CSV) logger.
+    """
+
+    def __init__(self, text: str, logger) -> None:
+        self.text, self.logger = text, logger
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for row in csv.DictReader(io.StringIO(self.text)):
+            step = row.pop("step", "")
+            if not step or int(step) >= trainer.global_step:
+                continue
+            values = {key: _number(value) for key, value in row.items() if key and value not in ("", None)}
+            if values:
+                self.logger.log_metrics(values, step=int(step))
+        self.logger.save()
+
+
+def _number(text: str) -> int | float:
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 CACHE_COUNTS = ("written", "kept", "recomputed", "skipped", "bytes", "float32_bytes")

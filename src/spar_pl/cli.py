@@ -11,7 +11,7 @@ each takes.
 features, their agreement, and an open-vocabulary segmentation written as overlay PNGs. With no
 arguments it loads the shipped tiny model pretrained on generated shape scenes, segments a held-out scene
 and ends with a one-seed ``reproduce-tiny`` table (a short distillation), offline on a CPU; ``--backbone``
-alone builds a tiny random model (the older demo, with its tiny distillation and tiny table); pass
+alone builds a tiny random model (a generated scene, the tiny distillation and the tiny table); pass
 ``--model-name``/``--pretrained``/``--weights`` and ``--image`` for real use.
 
 ``spar-cli reproduce-tiny`` measures single pass vs sliding window vs SPAR on generated scenes at 4x the native
@@ -36,49 +36,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-from spar_pl.encoders import BACKBONES, build_encoder
+from spar_pl.encoders import BACKBONES
 from spar_pl.families import backbone_family, backbone_names
 from spar_pl.images import read_image, to_pil
-from spar_pl.openvocab import OpenVocabHead
 from spar_pl.recipes import RECIPES
-from spar_pl.render import label_image, overlay, save_atomic
 from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
-from spar_pl.sliding import dense_features, window_starts
+from spar_pl.sliding import window_starts
 from spar_pl.testing import TINY_MODELS
-
-SAMPLE_CLASSES = ("sky", "grass, lawn", "house, building", "sun")
-
-
-def sample_image(height: int = 320, width: int = 480) -> Image.Image:
-    """A generated outdoor scene (sky, grass, a house, the sun) so the quickstart needs no files."""
-    img = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(img)
-    horizon = int(height * 0.55)
-    for y in range(horizon):
-        t = y / max(horizon - 1, 1)
-        draw.line([(0, y), (width, y)], fill=(int(90 + 80 * t), int(150 + 60 * t), 235))
-    for y in range(horizon, height):
-        t = (y - horizon) / max(height - horizon - 1, 1)
-        draw.line([(0, y), (width, y)], fill=(int(60 - 30 * t), int(150 - 50 * t), int(50 - 20 * t)))
-    draw.ellipse([width * 0.75, height * 0.08, width * 0.88, height * 0.08 + width * 0.13], fill=(250, 220, 60))
-    x0, x1, y0 = int(width * 0.2), int(width * 0.45), int(height * 0.35)
-    draw.rectangle([x0, y0, x1, int(height * 0.75)], fill=(170, 90, 60))
-    draw.polygon([(x0 - 10, y0), ((x0 + x1) // 2, int(height * 0.18)), (x1 + 10, y0)], fill=(120, 40, 40))
-    return img
-
-
-def shape_scene(seed: int = 0, size: int = 256) -> Image.Image:
-    """A held-out generated shape scene (:mod:`spar_pl.scenes`), the data the shipped tiny model was pretrained on."""
-    from spar_pl.scenes import make_scenes
-
-    image, _ = make_scenes(1, size, seed, "quickstart")
-    return to_pil(image[0])
 
 
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Run the quickstart; returns the measured numbers (also printed)."""
+    """Run the quickstart through :func:`spar_pl.load` (``SPAR.features``, ``SPAR.segment``, ``Segmentation.save``);
+    returns the measured numbers (also printed)."""
     parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=__doc__.split("\n\n")[1])
     parser.add_argument(
         "--backbone", default=None, choices=sorted(TINY_MODELS), help="default: the shipped pretrained tiny model"
@@ -99,19 +69,22 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
     parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
     args = parser.parse_args(argv)
-    from spar_pl.api import autocast
+    from spar_pl.api import load
+    from spar_pl.openvocab import parse_classes
+    from spar_pl.scenes import SHAPE_CLASSES, scene_image
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        classes = [", ".join(names) for names in parse_classes(args.classes or SHAPE_CLASSES, 2, option="--classes")]
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     # No model named: the shipped tiny model pretrained on generated shape scenes (spar_pl.reproduce).
     shipped = args.backbone is None and args.model_name is None and args.weights is None and args.pretrained is None
     if shipped:
-        from spar_pl.reproduce import TINY_MODEL, load_tiny
-        from spar_pl.scenes import SHAPE_CLASSES
+        from spar_pl.reproduce import TINY_MODEL, shipped_weights
 
-        encoder, name, args.backbone = load_tiny(device=device), TINY_MODEL, "maskclip"
-        encoder.dense = args.dense or encoder.dense
-        classes = args.classes or list(SHAPE_CLASSES)
+        args.backbone, name, pretrained, weights = "maskclip", TINY_MODEL, None, shipped_weights()
     else:
         if args.model_name is None:
             args.backbone = args.backbone or "siglip2"
@@ -121,60 +94,41 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
             else BACKBONES.get(args.backbone, {}).get("model_name") or backbone_family(args.backbone).default_model
         )
         pretrained = args.pretrained if args.pretrained is not None else "default"
-        try:
-            encoder = build_encoder(
-                args.backbone,
-                name,
-                pretrained=pretrained,
-                weights=args.weights,
-                device=device,
-                head_weights=args.head_weights,
-                dense=args.dense,
-            )
-        except (OSError, ValueError, RuntimeError) as err:
-            raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
-        args.backbone = encoder.backbone
-        classes = args.classes or list(SAMPLE_CLASSES)
+        weights = args.weights
+    try:
+        model = load(
+            args.backbone, None, device, name, pretrained, weights, args.head_weights, args.precision, args.dense
+        )
+        args.backbone = model.encoder.backbone
+        if args.image:  # the one image reader: EXIF, transparency, 16-bit, grayscale
+            image = to_pil(read_image(args.image))
+        elif shipped:  # a held-out scene of the kind the shipped model was pretrained on
+            image = scene_image(256, 256, args.seed, "quickstart")
+        else:
+            image = scene_image(320, 480, args.seed)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli quickstart: error: ..."
     random_weights = name in TINY_MODELS.values()
     print(
         f"model: {args.backbone} / {name}"
         + (" (tiny, random weights: the masks are not meaningful)" if random_weights else "")
         + (" (tiny, pretrained on generated shape scenes at 64 px, shipped)" if shipped else "")
     )
+    crop = args.crop or model.encoder.default_crop
+    n_windows = len(window_starts(image.height, crop, args.stride)) * len(window_starts(image.width, crop, args.stride))
+    print(f"image: {image.width}x{image.height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
 
-    if args.image:
-        try:
-            image = to_pil(read_image(args.image))  # the one image reader: EXIF, transparency, 16-bit, grayscale
-        except (OSError, ValueError) as err:
-            raise SystemExit(str(err)) from err
-    elif shipped:
-        image = shape_scene(args.seed)
-    else:
-        image = sample_image()
-    x = encoder.normalize(read_image(image)[None].to(device))
-    crop = args.crop or encoder.default_crop
-    height, width = x.shape[-2:]
-    n_windows = len(window_starts(height, crop, args.stride)) * len(window_starts(width, crop, args.stride))
-    print(f"image: {width}x{height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        with autocast(args.precision, x.device):
-            single = encoder(x).float()
-        t1 = time.perf_counter()
-        with autocast(args.precision, x.device):
-            sliding = dense_features(encoder, x, "sliding", crop, args.stride).float()
-        t2 = time.perf_counter()
-        single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
-        cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
-        mse = F.mse_loss(single, sliding).item()
-        head = OpenVocabHead.from_encoder(encoder, segmentation_classes_or_exit(classes))
-        names = [synonyms[0] for synonyms in head.classes]
-        out = Path(args.out)
-        for tag, feats in (("single", single), ("sliding", sliding)):
-            mask = head.predict(feats, (image.height, image.width))[0].cpu().numpy()
-            save_atomic(overlay(image, mask, names), out / f"overlay_{tag}.png")
-            save_atomic(label_image(mask, len(names)), out / f"labels_{tag}.png")
+    t0 = time.perf_counter()
+    single = model.features(image)
+    t1 = time.perf_counter()
+    sliding = model.features(image, "sliding-features", args.stride, args.crop)
+    t2 = time.perf_counter()
+    single = single[..., : sliding.shape[-2], : sliding.shape[-1]]
+    cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
+    mse = F.mse_loss(single, sliding).item()
+    out = Path(args.out)
+    for tag, mode in (("single", "single"), ("sliding", "sliding-features")):
+        model.segment(image, classes, mode, args.stride, args.crop).save(out, tag, name="{kind}_{stem}")
     numbers = {
         "single_pass_s": t1 - t0,
         "sliding_window_s": t2 - t1,
@@ -201,16 +155,6 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         print("the paper's table on tiny generated benchmarks (make table-tiny):")
         numbers["table"] = table_tiny(out)
     return numbers
-
-
-def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:
-    """``--classes`` entries (one class per argument, commas list synonyms), or exit with the reason."""
-    from spar_pl.api import class_entries, segmentation_classes
-
-    try:
-        return [", ".join(names) for names in segmentation_classes(class_entries(arguments))]
-    except ValueError as err:
-        raise SystemExit(f"spar-cli: {err}") from err
 
 
 def distill_demo(root: Path) -> dict[str, float]:
@@ -400,7 +344,9 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument("--head-weights", default=None, help="dinov3txt: the dino.txt head and text encoder .pth")
     parser.add_argument("--checkpoint", default=None, help="SPAR checkpoint: .ckpt or spar-cli export .safetensors")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--mode", default="single", choices=modes, help="single pass or a sliding window (README)")
+    parser.add_argument(
+        "--mode", default="single", choices=(*modes, "sliding"), help="single pass or a sliding window (README)"
+    )
     parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
     parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
     parser.add_argument("--max-side", type=_positive_int, default=None, help="downscale longer sides to this first")
@@ -431,7 +377,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(f"spar-cli: {err}") from err
     try:
-        model.check_mode(args.mode, args.stride, modes, args.crop)
+        args.mode = model.check_mode(args.mode, args.stride, modes, args.crop)
     except ValueError as err:
         parser.error(str(err))
     return model
@@ -458,7 +404,8 @@ def segment(argv: Sequence[str] | None = None) -> int:
     """``spar-cli segment IMAGE_OR_DIR... --classes road car "person, man" --out DIR``: per image a colour overlay
     with a legend (``<stem>_overlay.png``), the palette label PNG (``<stem>_labels.png``) and, with ``--save-probs``,
     float16 class probabilities (``<stem>_probs.safetensors``), all at the image's original size."""
-    from spar_pl.api import SEGMENT_MODES, class_entries, segmentation_classes
+    from spar_pl.openvocab import parse_classes
+    from spar_pl.sliding import SEGMENT_MODES
 
     parser = _inference_parser("spar-cli segment", segment.__doc__, SEGMENT_MODES)
     group = parser.add_mutually_exclusive_group(required=True)
@@ -472,7 +419,10 @@ def segment(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")
     try:
-        parsed = segmentation_classes(class_entries(args.classes) if args.classes is not None else args.classes_file)
+        if args.classes is not None:
+            parsed = parse_classes(args.classes, min_classes=2, option="--classes")
+        else:
+            parsed = parse_classes(args.classes_file, min_classes=2)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     if len(parsed) > 256:
@@ -503,14 +453,14 @@ def segment(argv: Sequence[str] | None = None) -> int:
 def features(argv: Sequence[str] | None = None) -> int:
     """``spar-cli features IMAGE_OR_DIR... --out DIR``: dense features per image as ``<stem>.safetensors``, tensor
     ``features`` (1, C, h, w) (NCHW) with metadata (backbone, model, mode, stride, image and input sizes, dtype)."""
-    from spar_pl.api import MODES
+    from spar_pl.sliding import FEATURE_MODES
 
-    parser = _inference_parser("spar-cli features", features.__doc__, MODES)
+    parser = _inference_parser("spar-cli features", features.__doc__, FEATURE_MODES)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--upsample", action="store_true", help="resize the features to the image size (H, W)")
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")
-    model = _load_model(args, parser, MODES)
+    model = _load_model(args, parser, FEATURE_MODES)
     print(f"{model}: mode {args.mode}, {args.dtype}{', upsampled to the image size' if args.upsample else ''}")
 
     def work(path: Path, stem: str) -> None:
@@ -617,8 +567,9 @@ def config(argv: Sequence[str] | None = None) -> str:
 def demo(argv: Sequence[str] | None = None):
     """``spar-cli demo``: segmentation in the browser (Gradio; ``spar_pl.demo``)."""
     from spar_pl.demo import demo as run
+    from spar_pl.scenes import SHAPE_CLASSES, scene_image
 
-    return run(argv, scene=(SAMPLE_CLASSES, sample_image()))  # a named model starts on the outdoor scene
+    return run(argv, scene=(SHAPE_CLASSES, scene_image()))  # a named model starts on a generated scene
 
 
 COMMANDS = {

@@ -472,6 +472,8 @@ class DistillDataModule(L.LightningDataModule):
             overrides = {"box": tuple(box or cfg.box), "min_side": min_side or cfg.min_side}
             cfg = AugmentConfig(**{**cfg.__dict__, **overrides})
         self.augmentation = cfg
+        #: the training stream's epoch; saved in checkpoints (:meth:`state_dict`), so a resumed run continues with it
+        self.epoch = 0
         self.train_set: StreamingImages | None = None
         self.val_set: StreamingImages | None = None
 
@@ -519,22 +521,24 @@ class DistillDataModule(L.LightningDataModule):
         """The augmented training stream of this rank."""
         return self._dataset(self.hparams.train_source, self.hparams.num_images, train=True)
 
-    def cache_dataloader(self) -> torch.utils.data.DataLoader:
-        """The training images with their training augmentation, for ``spar-cli cache``: one pass over this rank's
-        share (the ranks' shares are disjoint and cover the source), in source order, batch size 1."""
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    def cache_dataloader(
+        self, rank: int = 0, world_size: int = 1, multiple: int | None = None
+    ) -> torch.utils.data.DataLoader:
+        """The training images with their training augmentation, for ``spar-cli cache``: one pass over the share of
+        ``rank`` out of ``world_size`` (the ranks' shares are disjoint and cover the source), in source order, batch
+        size 1, sides floored to ``multiple`` (default: :meth:`crop_multiple`)."""
         hp = self.hparams
+        multiple = multiple or self.crop_multiple()
         stream = StreamingImages(
             hp.train_source,
             None,
             rank,
-            world,
-            self.training_augmentation(),
+            world_size,
+            with_multiple(self.augmentation, multiple),
             hp.mode,
             hp.seed,
             shuffle_buffer=0,
-            multiple=self.crop_multiple(),
+            multiple=multiple,
         )
         return torch.utils.data.DataLoader(stream, batch_size=1, num_workers=hp.num_workers, collate_fn=_collate_eval)
 
@@ -546,8 +550,21 @@ class DistillDataModule(L.LightningDataModule):
             self.val_set = self._dataset(hp.val_source, None, train=False)
 
     def set_epoch(self, epoch: int) -> None:
+        """Start training epoch ``epoch`` (its shuffle and, in ``fresh`` mode, augmentation)."""
+        self.epoch = epoch
         if self.train_set is not None:
             self.train_set.set_epoch(epoch)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Training epoch ``epoch`` is complete: a run resumed from here starts with the next one."""
+        self.epoch = epoch + 1
+
+    def state_dict(self) -> dict:
+        """The training stream's epoch (Lightning saves it in checkpoints; the loader saves its position)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state.get("epoch", 0))
 
     @property
     def skipped(self) -> int:
@@ -555,10 +572,9 @@ class DistillDataModule(L.LightningDataModule):
         return self.train_set.skipped.value if self.train_set is not None else 0
 
     def train_dataloader(self) -> ResumableLoader:
-        if self.trainer is not None:
-            # Lightning creates the first iterator (and starts loader workers) before on_train_epoch_start: set the
-            # epoch now, as Lightning counts it for samplers (after a restore, the epoch the run continues with)
-            self.train_set.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+        # Lightning creates the first iterator (and starts loader workers) before on_train_epoch_start: set the epoch
+        # now (restored from a checkpoint: the epoch the run continues with; the loader then restores its position)
+        self.train_set.set_epoch(self.epoch)
         workers = self.hparams.num_workers
         return ResumableLoader(
             self.train_set, batch_size=self.hparams.batch_size, num_workers=workers, collate_fn=collate

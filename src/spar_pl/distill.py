@@ -12,17 +12,17 @@ import copy
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
-from spar_pl.callbacks import CacheWriter, DataEpoch, LastCheckpoint, SkippedImages
+from spar_pl.callbacks import DataEpoch, SkippedImages
 from spar_pl.data import with_multiple
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.images import READER_VERSION
 from spar_pl.sliding import SlidingWindowTeacher
 
-# LastCheckpoint and CacheWriter live in spar_pl.callbacks; named here too, their old home, which the config.yaml
-# files saved next to earlier runs name (spar_pl.distill.LastCheckpoint)
-__all__ = ["CacheWriter", "DistillModule", "LastCheckpoint", "TeacherCacheTask"]
+#: the checkpoint entry holding the running epoch's training-loss sums
+TRAIN_LOSS_KEY = "train_loss_sums"
 
 
 class DistillModule(L.LightningModule):
@@ -74,11 +74,14 @@ class DistillModule(L.LightningModule):
         # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
         model = self.student.model
         shared = {id(m): m for name, m in model.named_children() if name != "visual"}
-        shared.update({id(p): p for p in model._parameters.values() if p is not None})
+        shared.update({id(p): p for _, p in model.named_parameters(recurse=False)})
         teacher_encoder = copy.deepcopy(self.student, memo=shared).eval().requires_grad_(False)
         self.teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
         self.student.train()
         self.cache: TeacherCache | None = None
+        #: the epoch's mean training loss (``train/loss_epoch``); its state is saved in checkpoints, so an epoch
+        #: resumed mid-way reports the mean over all of its steps
+        self.train_loss = MeanMetric()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -86,17 +89,25 @@ class DistillModule(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the teacher out of checkpoints: it is the initial backbone, rebuilt from the configuration."""
+        """Keep the teacher out of checkpoints (it is the initial backbone, rebuilt from the configuration); keep the
+        running epoch's loss sums, summed over the ranks (every rank writes the checkpoint's contents)."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        with self.train_loss.sync_context():
+            checkpoint[TRAIN_LOSS_KEY] = {k: v.detach().cpu().clone() for k, v in self.train_loss.metric_state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Put this module's own teacher back into a checkpoint's state dict (saved without it), so that strict
-        loading checks every student key and the teacher stays the frozen initial backbone."""
+        loading checks every student key and the teacher stays the frozen initial backbone; restore the running
+        epoch's loss sums (on global rank 0, as they are summed over the ranks)."""
         state = checkpoint["state_dict"]
         for key, value in self.teacher.state_dict(prefix="teacher.").items():
             state.setdefault(key, value)
+        self.train_loss.reset()
+        sums = checkpoint.get(TRAIN_LOSS_KEY)
+        if sums and self.global_rank == 0:
+            self.train_loss.merge_state({k: v.to(self.device) for k, v in sums.items()})
 
     @property
     def crop_multiple(self) -> int:
@@ -179,10 +190,16 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.feature_loss(batch["image"], batch, train=True)
-        # synchronised, so that "lowest train/loss_epoch" is the global mean on every rank (one checkpoint choice)
         size = len(batch["image"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("train/loss_step", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.train_loss.update(loss.detach(), weight=size)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # the mean over every rank's steps (the metric synchronises), so "lowest train/loss_epoch" is one checkpoint
+        # choice on every rank; reset before the epoch-end checkpoint, which the next epoch then starts from
+        self.log("train/loss_epoch", self.train_loss.compute(), prog_bar=True, sync_dist=True)
+        self.train_loss.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.feature_loss(batch["image"])
@@ -232,8 +249,8 @@ class TeacherCacheTask(L.LightningModule):
         return self.distill.crop_multiple
 
     def predict_dataloader(self):
-        self.data.trainer = self.trainer  # this rank's share
-        self.loader = self.data.cache_dataloader()
+        # this rank's share, floored to the student's patch
+        self.loader = self.data.cache_dataloader(self.global_rank, self.trainer.world_size, self.crop_multiple)
         return self.loader
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

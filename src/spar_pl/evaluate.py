@@ -16,17 +16,14 @@ from datetime import datetime, timezone
 
 import lightning as L
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.callbacks import ResultsFile
 from spar_pl.encoders import build_encoder
 from spar_pl.families import get_family
-from spar_pl.openvocab import SEGMENT_MODES, OpenVocabHead, parse_classes
-from spar_pl.sliding import check_window
-
-#: Evaluation modes: single pass, the authors' logits-level sliding window, the teacher's feature-level one.
-MODES = SEGMENT_MODES
+from spar_pl.openvocab import OpenVocabHead, parse_classes
+from spar_pl.sliding import SEGMENT_MODES, check_window, resolve_mode
 
 
 class SegEvalModule(L.LightningModule):
@@ -41,9 +38,10 @@ class SegEvalModule(L.LightningModule):
             backbone file.
         head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         checkpoint: a SPAR checkpoint (the authors' ``.ckpt``, a ``spar-cli fit`` checkpoint, ...).
-        mode: ``single`` (one pass); ``sliding`` (the authors' evaluation baseline: logits-level sliding window,
-            :class:`~spar_pl.sliding.SlidingWindowLogits`); or ``sliding-features`` (the distillation teacher's
-            feature-level sliding window, :class:`~spar_pl.sliding.SlidingWindowTeacher`, then the head).
+        mode: ``single`` (one pass); ``sliding-logits`` (the authors' evaluation baseline: logits-level sliding
+            window, :class:`~spar_pl.sliding.SlidingWindowLogits`); or ``sliding-features`` (the distillation
+            teacher's feature-level sliding window, :class:`~spar_pl.sliding.SlidingWindowTeacher`, then the head);
+            ``sliding``: ``sliding-logits`` (:func:`~spar_pl.sliding.resolve_mode`).
         crop: sliding-window side (default: the largest multiple of the patch within the model's pretraining size).
         stride: sliding-window stride.
         window_batch: windows per encoder call (the authors' evaluation: 60).
@@ -53,9 +51,8 @@ class SegEvalModule(L.LightningModule):
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
-        protocol_overrides: removed (it raises): per-benchmark protocols are eval configs now.
-        dense: ``maskclip`` backbones: the last block's dense recipe (``maskclip``, ``sclip``, ``clearclip``,
-            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own. Results then go to
+        dense: the open_clip ViT CLIP family's last-block dense recipe (``maskclip``, ``sclip``, ``clearclip``,
+            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the model's own. Results then go to
             ``<backbone>-<dense>.json`` unless ``results_name`` is set.
         pamr_steps: PAMR iterations on the logits before the mask rule (``OpenVocabHead``; NACLIP's protocol: 10);
             0: none.
@@ -81,22 +78,14 @@ class SegEvalModule(L.LightningModule):
         area_thd: float | None = None,
         results_dir: str | None = "results",
         results_name: str | None = None,
-        protocol_overrides: dict | None = None,
         dense: str | None = None,
         pamr_steps: int = 0,
         pamr_dilations: tuple[int, ...] = (8, 16),
         row_label: str | None = None,
     ) -> None:
         super().__init__()
-        if protocol_overrides is not None:  # an argument of earlier versions: say where its setting went
-            raise ValueError(
-                "protocol_overrides was removed: MaskCLIP's VOC21 protocol is the eval config "
-                "configs/eval/voc21-maskclip.yaml (use it instead of configs/eval/voc21.yaml; spar-cli table does)"
-            )
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if stride < 1:
-            raise ValueError(f"stride must be a positive number of pixels, got {stride}")
+        #: the evaluation mode, ``sliding`` resolved to ``sliding-logits``
+        self.mode = resolve_mode(mode, SEGMENT_MODES)
         self.save_hyperparameters()
         #: the mask rule's settings (``configs/eval/*.yaml``: the published protocol of each benchmark)
         self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
@@ -111,7 +100,7 @@ class SegEvalModule(L.LightningModule):
             head_weights=head_weights,
             dense=dense,
         ).eval()
-        if mode != "single":  # a window the fold cannot take fails here, before any data is read
+        if self.mode != "single":  # a window the fold cannot take fails here, before any data is read
             check_window(int(crop or self.encoder.default_crop), stride, self.encoder.patch_size, window_batch)
         # The head's text embeddings are computed once the module is on its device (:meth:`build_head`): the
         # encoder is the only module holding weights, so the state dict holds the backbone once.
@@ -127,9 +116,8 @@ class SegEvalModule(L.LightningModule):
             },
             compute_groups=[["mIoU", "IoU"]],
         )
-        self.register_buffer("seconds", torch.zeros(()), persistent=False)
-        self.register_buffer("images", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("pixels", torch.zeros((), dtype=torch.long), persistent=False)
+        #: totals over every rank's test images (the metrics synchronise when computed)
+        self.seconds, self.images, self.pixels = (SumMetric().set_dtype(torch.float64) for _ in range(3))
 
     @property
     def row(self) -> str:
@@ -140,8 +128,8 @@ class SegEvalModule(L.LightningModule):
         # a family whose weights file is its released backbone (dinov3txt) has SPAR weights only as a checkpoint
         trained = hp.checkpoint or (hp.weights and not get_family(self.encoder.family).release_weights)
         trained = trained or getattr(self.encoder, "spar_config", None) is not None  # a SPAR student's Hub folder
-        if hp.mode != "single":
-            kind = "sliding window" if hp.mode == "sliding" else "feature-level sliding window"
+        if self.mode != "single":
+            kind = "sliding window" if self.mode == "sliding-logits" else "feature-level sliding window"
             return f"{'SPAR' if trained else 'pretrained'}, {kind} s={hp.stride}"
         return "SPAR" if trained else "pretrained, single pass"
 
@@ -162,7 +150,7 @@ class SegEvalModule(L.LightningModule):
         """Class-index mask ``(H0, W0)`` of one test-resized ``[0, 1]`` image, at the label size."""
         hp = self.hparams
         x = self.encoder.normalize(image01[None].to(self.device))
-        return self.build_head().segment(self.encoder, x, size, hp.mode, hp.crop, hp.stride, hp.window_batch)[0]
+        return self.build_head().segment(self.encoder, x, size, self.mode, hp.crop, hp.stride, hp.window_batch)[0]
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for image, label in zip(batch["image"], batch["label"]):
@@ -173,9 +161,9 @@ class SegEvalModule(L.LightningModule):
             pred = self.predict_mask(image, tuple(label.shape))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.seconds += time.perf_counter() - start
-            self.images += 1
-            self.pixels += (label != 255).sum()
+            self.seconds.update(time.perf_counter() - start)
+            self.images.update(1)
+            self.pixels.update((label != 255).sum())
             self.metrics.update(pred, label)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
@@ -192,10 +180,7 @@ class SegEvalModule(L.LightningModule):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def on_test_epoch_end(self) -> None:
-        reduce = self.trainer.strategy.reduce
-        seconds = float(reduce(self.seconds.clone(), reduce_op="sum"))
-        images = int(reduce(self.images.clone(), reduce_op="sum"))
-        pixels = int(reduce(self.pixels.clone(), reduce_op="sum"))
+        seconds, images, pixels = float(self.seconds.compute()), int(self.images.compute()), int(self.pixels.compute())
         computed = self.metrics.compute()
         miou, per_class = float(computed["mIoU"]), computed["IoU"].tolist()
         names = [synonyms[0] for synonyms in self.classes]
@@ -217,12 +202,10 @@ class SegEvalModule(L.LightningModule):
             "seconds_per_image": seconds / max(images, 1),
             "peak_memory_mb": self.peak_memory_mb(),
             "devices": self.trainer.world_size,
-            "config": {
-                k: hp[k] for k in ("backbone", "model_name", "checkpoint", "weights", "head_weights", "mode", "stride")
-            }
+            "config": {k: hp[k] for k in ("model_name", "checkpoint", "weights", "head_weights", "stride")}
             | {"backbone": self.encoder.backbone}
             | ({"dense": hp.dense} if hp.dense is not None else {})
-            | {"crop": (hp.crop or self.encoder.default_crop) if hp.mode != "single" else None}
+            | {"mode": self.mode, "crop": (hp.crop or self.encoder.default_crop) if self.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -27,10 +27,8 @@ from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from torch import nn
 
 from spar_pl.pamr import PAMR_DILATIONS, pamr_affinity, pamr_refine
-from spar_pl.sliding import SlidingWindowLogits, default_crop, dense_features
+from spar_pl.sliding import SEGMENT_MODES, SlidingWindowLogits, default_crop, dense_features, resolve_mode
 
-#: :meth:`OpenVocabHead.segment` modes: one pass, the authors' logits-level sliding window, the teacher's features.
-SEGMENT_MODES = ("single", "sliding", "sliding-features")
 #: The six benchmark class files shipped with the package (same content as the reference's).
 BENCHMARK_CLASSES = ("voc21", "voc20", "context60", "context59", "cityscapes", "ade20k")
 
@@ -43,20 +41,35 @@ def benchmark_class_file(name: str) -> Path:
     return Path(str(resources.files("spar_pl") / "classes" / f"{name}.txt"))
 
 
-def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
-    """Classes as lists of synonyms.
+def parse_classes(
+    classes: str | Path | Sequence[str], min_classes: int = 1, option: str | None = None
+) -> list[list[str]]:
+    """Classes as lists of synonyms: the one parser of class lists (configs, the API, the command line, class files).
 
     Args:
         classes: a sequence of class entries, each a name or ``"name, synonym, ..."``, or already a list of
             synonyms (what this function returns parses to itself); or a path to a class file with one such entry
             per line; or a benchmark name (``voc21`` ...).
+        min_classes: the fewest classes accepted; segmentation needs two (one class segments nothing, and a
+            single entry with commas is most often a class list mistaken for synonyms).
+        option: the command-line option the entries come from (``--classes``): each entry is then one argument,
+            commas inside it separate synonyms whatever the spaces around them, and an empty argument or synonym
+            is named.
 
     Raises:
-        ValueError: the list is empty, an entry is empty, or a class name repeats.
+        ValueError: too few classes, an empty entry or name, a class name that repeats (names differing only in
+            case count as one), or a string with commas that is not a class file.
         TypeError: an entry that is neither a string nor a list of strings.
         FileNotFoundError: a class file path does not exist.
     """
     source = "class list"
+    if option is not None:
+        classes = _argument_entries(classes, option)
+    elif isinstance(classes, str) and "," in classes and not Path(classes).is_file():
+        raise ValueError(
+            f"classes {classes!r} is a string but not a class file; pass a list of class names, e.g. "
+            f"['road', 'car', 'sky'], a class-file path or a benchmark name ({', '.join(BENCHMARK_CLASSES)})"
+        )
     if isinstance(classes, (str, Path)):
         path = benchmark_class_file(str(classes)) if str(classes) in BENCHMARK_CLASSES else Path(classes)
         if not path.is_file():
@@ -91,7 +104,34 @@ def parse_classes(classes: str | Path | Sequence[str]) -> list[list[str]]:
                     f"name {name!r} appears in classes {first} and {k}"
                 )
             seen[key] = (k, name)
+    if len(parsed) < min_classes:
+        hint = f": {', '.join(parsed[0])!r} are synonyms of one class" if len(parsed[0]) > 1 else ""
+        raise ValueError(
+            f"segmentation needs at least {_count(min_classes)} classes, got {_count(len(parsed))}{hint}; give one "
+            "entry per class "
+            "(command line: one argument per class, e.g. --classes road car sky; commas inside an entry list its "
+            "synonyms)"
+        )
     return parsed
+
+
+def _count(n: int) -> str:
+    return {1: "one", 2: "two", 3: "three"}.get(n, str(n))
+
+
+def _argument_entries(arguments: Sequence[str], option: str) -> list[str]:
+    """Class entries from command-line arguments (:func:`parse_classes` with ``option``)."""
+    if not arguments:
+        raise ValueError(f'{option} is empty: give one class per argument, e.g. {option} road car "person, pedestrian"')
+    entries = []
+    for k, argument in enumerate(arguments, 1):
+        names = [name.strip() for name in str(argument).split(",")]
+        if not any(names):
+            raise ValueError(f"{option}: argument {k} is empty")
+        if not all(names):
+            raise ValueError(f"{option} {argument!r}: a synonym is empty (two commas in a row or a trailing comma?)")
+        entries.append(", ".join(names))
+    return entries
 
 
 def text_embeddings(
@@ -294,20 +334,19 @@ class OpenVocabHead(nn.Module):
         an image batch to masks.
 
         Args:
-            mode: ``single`` (one pass, then :meth:`predict`); ``sliding`` (the authors' evaluation baseline,
-                :meth:`predict_sliding`); ``sliding-features`` (the teacher's features,
-                :func:`~spar_pl.sliding.dense_features`, then :meth:`predict`).
+            mode: ``single`` (one pass, then :meth:`predict`); ``sliding-logits`` (the authors' evaluation
+                baseline, :meth:`predict_sliding`); ``sliding-features`` (the teacher's features,
+                :func:`~spar_pl.sliding.dense_features`, then :meth:`predict`); ``sliding``: ``sliding-logits``
+                (:func:`~spar_pl.sliding.resolve_mode`).
             crop: window side (default: :func:`~spar_pl.sliding.default_crop`, the largest multiple of the patch
                 within the encoder's pretraining size); stride, window_batch: the window's.
             size, probs_out: see :meth:`predict`.
         """
-        if mode == "sliding":
+        mode = resolve_mode(mode, SEGMENT_MODES)
+        if mode == "sliding-logits":
             crop = int(crop or default_crop(encoder))
             return self.predict_sliding(encoder, images, size, crop, stride, window_batch, probs_out)
-        if mode not in SEGMENT_MODES:
-            raise ValueError(f"unknown segmentation mode {mode!r}; choose one of {', '.join(SEGMENT_MODES)}")
-        feature_mode = "single" if mode == "single" else "sliding"
-        feats = dense_features(encoder, images, feature_mode, crop, stride, window_batch)
+        feats = dense_features(encoder, images, mode, crop, stride, window_batch)
         return self.predict(feats, size, probs_out, images)
 
     def predict_chunked(

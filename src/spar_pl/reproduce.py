@@ -377,14 +377,14 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-#: Issue 13's preconditions: native held-out mIoU at least this (percent) ...
+#: The tiny reproduction's preconditions: native held-out mIoU at least this (percent) ...
 NATIVE_MIN = 60.0
 #: ... and "clearly" below / above: by at least this many mIoU points (means over seeds).
 CLEAR_MARGIN = 5.0
 
 
 def preconditions(runs: dict[int, dict[str, float]]) -> list[tuple[str, bool]]:
-    """Issue 13's preconditions on the means over seeds: (description with the numbers, whether it holds)."""
+    """The tiny reproduction's preconditions on the means over seeds: (description with numbers, whether it holds)."""
     mean = {k: statistics.fmean(r[k] for r in runs.values()) for k in ("native", "single", "sliding")}
     return [
         (f"native {NATIVE}px mIoU >= {NATIVE_MIN:g}: {mean['native']:.1f}", mean["native"] >= NATIVE_MIN),

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import csv
-import io
 import os
 import sys
 import tempfile
@@ -19,8 +17,6 @@ import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-
-from spar_pl.fileio import write_text
 
 #: The folder name of the shipped configs, in the package and (a link to it) at the repository root.
 CONFIGS = "configs"
@@ -76,6 +72,33 @@ def resolve_configs(args: Sequence[str]) -> list[str]:
     return out
 
 
+#: Options the eval task does not take, and where their settings are: jsonargparse would answer with a dump of
+#: class signatures, so these get one line saying what to use.
+MOVED_OPTIONS = {
+    "protocol_overrides": "MaskCLIP's VOC21 protocol is the eval config configs/eval/voc21-maskclip.yaml (use it "
+    "instead of configs/eval/voc21.yaml; spar-cli table does)",
+}
+
+
+def check_moved_options(args: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the setting to use when the arguments or a ``--config`` file set an option of
+    :data:`MOVED_OPTIONS`."""
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        sources = [(arg, "the command line")]
+        if key in ("--config", "-c") and sep:
+            sources.append((value, None))
+        elif i > 0 and args[i - 1] in ("--config", "-c"):
+            sources.append((arg, None))
+        for text, where in sources:
+            if where is None:
+                path = Path(text)
+                text, where = (path.read_text(encoding="utf-8"), str(path)) if path.is_file() else ("", "")
+            for option, moved in MOVED_OPTIONS.items():
+                if option in text:
+                    raise ValueError(f"{option} ({where}) is not an option: {moved}")
+
+
 def check_writable(folder: str | Path, what: str) -> Path:
     """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
     temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
@@ -113,28 +136,47 @@ def check_output_folders(trainer, model) -> None:
         check_writable(hparams["teacher_cache"], "teacher cache folder (model.init_args.teacher_cache)")
 
 
-def continue_last_run(trainer) -> Path | None:
-    """Make ``--ckpt_path last`` resume in the same root: point the trainer's logger at the run (version folder)
-    holding the newest ``last*.ckpt``, so Lightning finds that checkpoint and the run's logs and checkpoints continue
-    in the same folder. Returns the checkpoint, or ``None`` (a logger with an explicit version, or no run yet)."""
+def configured_logger(config) -> dict | None:
+    """The init arguments of a run's one logger as configured (``trainer.logger`` of a LightningCLI config): ``{}``
+    for Lightning's default logger, ``None`` for no logger or several."""
+    if config is None or config is True:
+        return {}
+    if isinstance(config, (list, tuple)):
+        return configured_logger(config[0]) if len(config) == 1 else None
+    init_args = getattr(config, "init_args", None)
+    if init_args is None:
+        return None
+    return dict(vars(init_args)) if not isinstance(init_args, dict) else dict(init_args)
+
+
+def continue_last_run(trainer, configured: dict | None) -> Path | None:
+    """Make ``--ckpt_path last`` resume in the same root: give the trainer a logger of the same kind and arguments
+    writing to the run (version folder) holding the newest ``last*.ckpt``, so Lightning finds that checkpoint and the
+    run's logs and checkpoints continue in the same folder. A CSV logger's ``metrics.csv`` keeps the run's history
+    (:class:`~spar_pl.callbacks.MetricsHistory`). ``configured``: the logger's init arguments as configured
+    (:func:`configured_logger`). Returns the checkpoint, or ``None`` (no logger, an explicit version, or no run yet).
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    from spar_pl.callbacks import MetricsHistory
+
     logger = trainer.logger
-    if logger is None or getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir"):
+    if logger is None or configured is None or configured.get("version") is not None:
+        return None
+    if not hasattr(logger, "root_dir") or not hasattr(logger, "save_dir"):
         return None
     found = [p for p in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt") if p.is_file()]
     if not found:
         return None
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    logger._version = newest.parents[1].name  # loggers read their version lazily: set before the first use
+    arguments = configured or {"save_dir": logger.save_dir, "name": logger.name}
+    trainer.logger = type(logger)(**{**arguments, "version": newest.parents[1].name})
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    metrics = Path(logger.log_dir) / "metrics.csv"
-    if trainer.is_global_zero and metrics.is_file():
-        # the CSV logger deletes a run folder's metrics.csv when it opens it: keep the run's history, append to it
-        text = metrics.read_text(encoding="utf-8")
-        writer = logger.experiment  # opening it removed the file
-        if hasattr(writer, "metrics_keys"):
-            write_text(metrics, text)
-            writer.metrics_keys = list(csv.DictReader(io.StringIO(text)).fieldnames or [])
+    metrics = Path(trainer.logger.log_dir) / "metrics.csv"
+    if isinstance(trainer.logger, CSVLogger) and metrics.is_file():
+        # the CSV logger replaces a run folder's metrics.csv when it opens it: log the run's history again
+        trainer.callbacks.append(MetricsHistory(metrics.read_text(encoding="utf-8"), trainer.logger))
     return newest
 
 
@@ -146,6 +188,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
 
     argv = sys.argv[1:] if args is None else list(args)
     resolved = resolve_configs(argv)
+    check_moved_options(resolved)
     if resolved != argv:
         args = resolved
 
@@ -160,7 +203,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def before_fit(self) -> None:
             check_output_folders(self.trainer, self.model)
             if self.config_init[self.subcommand].get("ckpt_path") == "last":
-                continue_last_run(self.trainer)
+                continue_last_run(self.trainer, configured_logger(self.config[self.subcommand].trainer.logger))
 
         def before_validate(self) -> None:
             check_output_folders(self.trainer, self.model)

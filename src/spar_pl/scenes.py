@@ -166,3 +166,12 @@ def scene_seed(stream: str, seed: int, index: int) -> int:
     """A 63-bit generator seed for scene ``index`` of ``stream`` under ``seed`` (a hash: streams do not overlap)."""
     digest = hashlib.sha256(f"{stream}/{seed}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def scene_image(height: int = 320, width: int = 480, seed: int = 0, stream: str = "example"):
+    """One generated scene as an RGB PIL image (scene 0 of ``stream`` under ``seed``; for a square side, the first
+    image :func:`make_scenes` gives): an example input that needs no file."""
+    from spar_pl.images import to_pil
+
+    image, _ = make_scene(height, width, torch.Generator().manual_seed(scene_seed(stream, seed, 0)))
+    return to_pil(image)

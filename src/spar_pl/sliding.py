@@ -33,8 +33,7 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
         crop: window side; a side shorter than the crop gets the single start 0.
         stride: step between window starts.
     """
-    if crop <= 0 or stride <= 0:
-        raise ValueError(f"crop and stride must be positive, got crop={crop}, stride={stride}")
+    check_window(crop, stride)
     if length <= crop:
         return [0]
     starts = list(range(0, length - crop + 1, stride))
@@ -62,9 +61,15 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> torch.Tenso
     return torch.cartesian_prod(tops, lefts)
 
 
-def check_window(crop: int, stride: int, patch_size: int, window_batch: int = 1) -> None:
-    """Raise ``ValueError`` for a sliding window the fold cannot take: a crop or stride below 1, a crop that is not
-    a multiple of the patch, or fewer than one window per encoder call."""
+def check_window(crop: int, stride: int, patch_size: int = 1, window_batch: int = 1) -> None:
+    """Raise ``ValueError`` for a sliding window that cannot run: a crop or stride below 1, a crop that is not a
+    multiple of the patch, or fewer than one window per encoder call. Every sliding window is checked here.
+
+    Args:
+        crop: window side in pixels; stride: step between windows.
+        patch_size: the encoder's patch side, which the crop must be a multiple of (1: any crop).
+        window_batch: windows per encoder call.
+    """
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     if stride < 1 or crop < 1:
@@ -139,8 +144,28 @@ def sliding_window(
     return F.interpolate(canvas, size=(height // p, width // p), mode="bilinear", align_corners=False)
 
 
-#: :func:`dense_features` modes: one pass, or the sliding window's features.
-FEATURE_MODES = ("single", "sliding")
+#: :func:`dense_features` modes: one pass, or the sliding-window teacher's folded features.
+FEATURE_MODES = ("single", "sliding-features")
+#: :meth:`~spar_pl.openvocab.OpenVocabHead.segment` modes: one pass; the logits-level sliding window of the authors'
+#: evaluation (:class:`SlidingWindowLogits`); the teacher's feature-level sliding window, then the head.
+SEGMENT_MODES = ("single", "sliding-logits", "sliding-features")
+
+
+def resolve_mode(mode: str, modes: tuple[str, ...]) -> str:
+    """``mode`` checked against ``modes`` (:data:`FEATURE_MODES` or :data:`SEGMENT_MODES`).
+
+    ``sliding`` is accepted as the short name of each context's sliding window, the spelling of the shipped commands
+    and configs: ``sliding-logits`` (the authors' evaluation baseline) where masks are asked for,
+    ``sliding-features`` where features are.
+
+    Raises:
+        ValueError: a mode that is not one of ``modes``, naming them.
+    """
+    if mode == "sliding":
+        mode = "sliding-logits" if "sliding-logits" in modes else "sliding-features"
+    if mode not in modes:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(modes)}")
+    return mode
 
 
 def dense_features(
@@ -155,17 +180,15 @@ def dense_features(
 
     Args:
         encoder: a :class:`~spar_pl.encoders.DenseEncoder` (``patch_size`` and ``native_size`` attributes).
-        mode: ``single`` (one pass at the input size, interpolated positional embeddings) or ``sliding``
-            (:func:`sliding_window`, the distillation teacher's features).
+        mode: ``single`` (one pass at the input size, interpolated positional embeddings) or ``sliding-features``
+            (:func:`sliding_window`, the distillation teacher's features; :func:`resolve_mode`).
         crop: window side (default: :func:`default_crop`, the largest multiple of the patch within the encoder's
             pretraining size); stride, window_batch: see :func:`sliding_window`.
     """
-    if mode == "single":
+    if resolve_mode(mode, FEATURE_MODES) == "single":
         return encoder(images)
-    if mode == "sliding":
-        crop = int(crop or default_crop(encoder))
-        return sliding_window(encoder, images, crop, stride, encoder.patch_size, window_batch)
-    raise ValueError(f"unknown feature mode {mode!r}; choose one of {', '.join(FEATURE_MODES)}")
+    crop = int(crop or default_crop(encoder))
+    return sliding_window(encoder, images, crop, stride, encoder.patch_size, window_batch)
 
 
 class SlidingWindowTeacher(nn.Module):
@@ -232,8 +255,7 @@ class SlidingWindowLogits:
         window_batch: int = 16,
         size: tuple[int, int] | None = None,
     ) -> None:
-        if window_batch < 1:
-            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+        check_window(crop, stride, 1, window_batch)
         b, _, height, width = images.shape
         self.batch, self.height, self.width = b, height, width
         self.size = tuple(size) if size is not None else (height, width)

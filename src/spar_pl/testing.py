@@ -14,6 +14,7 @@ Not used by the library's own code paths.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +31,6 @@ __all__ = [
     "TINY_GEOMETRIES",
     "TINY_MODELS",
     "naive_teacher",
-    "naive_upsample_factor",
-    "naive_window_starts",
     "register_tiny_models",
     "write_sample_images",
     "write_tiny_benchmarks",
@@ -77,29 +76,6 @@ def register_tiny_models() -> None:
         open_clip.add_model_config(MODEL_CONFIGS)
 
 
-def naive_window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Window starts along one axis (``docs/method.md`` section 2, step 1).
-
-    ``range(0, size - crop + 1, stride)``, plus one window flush with the far edge when the last start is not
-    already there. A side shorter than the crop (where the reference crashes) gets one window at 0 that covers
-    the whole side, as ``spar_pl`` documents.
-    """
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop + 1, stride))
-    if starts[-1] != size - crop:
-        starts.append(size - crop)
-    return starts
-
-
-def naive_upsample_factor(patch: int, stride: int) -> int:
-    """The smallest ``u`` in ``1..patch`` with ``patch % u == 0`` and ``stride % (patch // u) == 0`` (step 2)."""
-    for u in range(1, patch + 1):
-        if patch % u == 0 and stride % (patch // u) == 0:
-            return u
-    raise AssertionError("unreachable: u = patch always qualifies")
-
-
 def naive_teacher(
     encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, crop: int, stride: int
 ) -> torch.Tensor:
@@ -121,13 +97,18 @@ def naive_teacher(
     """
     _, _, height, width = images.shape
     p = encoder.patch_size
-    f = p // naive_upsample_factor(p, stride)
+    f = math.gcd(p, stride)  # the largest cell dividing both the patch and the stride: p // u of step 2
+
+    def starts(side: int) -> list[int]:  # every offset that starts a whole window on the stride, and the far edge's
+        last = max(side - crop, 0)
+        return [t for t in range(last + 1) if t % stride == 0 or t == last]
+
     ch, cw = min(crop, height), min(crop, width)
     out = []
     for img in images:
         canvas = count = None
-        for top in naive_window_starts(height, crop, stride):
-            for left in naive_window_starts(width, crop, stride):
+        for top in starts(height):
+            for left in starts(width):
                 feat = encoder(img[None, :, top : top + ch, left : left + cw])
                 feat = F.interpolate(feat.float(), size=(ch // f, cw // f), mode="bilinear", align_corners=False)[0]
                 if canvas is None:
