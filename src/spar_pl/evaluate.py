@@ -10,9 +10,11 @@ appends its numbers to ``results/<name>.json`` (:class:`~spar_pl.callbacks.Resul
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -26,6 +28,27 @@ from spar_pl.sliding import check_window
 
 #: Evaluation modes: single pass, the authors' logits-level sliding window, the teacher's feature-level one.
 MODES = SEGMENT_MODES
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_record(path: str | Path) -> dict:
+    """``{"path": absolute path, "sha256": hex digest}`` of a weight file (a hub id or a missing file: no digest).
+    Digests are kept per (path, size, modification time) for the life of the process: a table hashes each
+    checkpoint once."""
+    file = Path(path)
+    if not file.is_file():
+        return {"path": str(path), "sha256": None}
+    stat = file.stat()
+    key = (str(file.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with file.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return {"path": key[0], "sha256": _SHA256[key]}
 
 
 class SegEvalModule(L.LightningModule):
@@ -51,6 +74,7 @@ class SegEvalModule(L.LightningModule):
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone).
+        table: this run is a cell of ``spar-cli table`` (recorded in its results entry; the table sets it).
         protocol_overrides: removed (it raises): per-benchmark protocols are eval configs now.
     """
 
@@ -72,6 +96,7 @@ class SegEvalModule(L.LightningModule):
         area_thd: float | None = None,
         results_dir: str | None = "results",
         results_name: str | None = None,
+        table: bool = False,
         protocol_overrides: dict | None = None,
     ) -> None:
         super().__init__()
@@ -114,6 +139,8 @@ class SegEvalModule(L.LightningModule):
         self.register_buffer("seconds", torch.zeros(()), persistent=False)
         self.register_buffer("images", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("pixels", torch.zeros((), dtype=torch.long), persistent=False)
+        #: the config files of the run (``spar-cli`` sets them; recorded in the results entry)
+        self.config_files: list[str] = []
 
     @property
     def row(self) -> str:
@@ -204,6 +231,21 @@ class SegEvalModule(L.LightningModule):
             | {"crop": (hp.crop or self.encoder.native_size) if hp.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(self.provenance() if self.trainer.is_global_zero else {}),
+        }
+
+    def provenance(self) -> dict:
+        """Where this run's numbers come from: the weight files (path and SHA-256), the data root, the config files
+        and the command (``spar-cli table`` or an ad-hoc ``spar-cli test``)."""
+        hp = self.hparams
+        datamodule = getattr(self.trainer, "datamodule", None)
+        root = getattr(getattr(datamodule, "data", None), "root", None)
+        files = {k: file_record(hp[k]) for k in ("checkpoint", "weights", "head_weights") if hp[k]}
+        return {
+            "source": "spar-cli table" if hp.table else "spar-cli test",
+            "files": files,
+            "data_root": str(Path(root).absolute()) if root is not None else None,
+            "config_files": [str(Path(f).absolute()) for f in self.config_files],
         }
 
     def configure_callbacks(self) -> list[L.Callback]:

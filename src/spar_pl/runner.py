@@ -165,7 +165,12 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def before_validate(self) -> None:
             check_output_folders(self.trainer, self.model)
 
-        before_test = before_predict = before_validate
+        def before_test(self) -> None:
+            check_output_folders(self.trainer, self.model)
+            if hasattr(self.model, "config_files"):  # recorded in the results entry (spar_pl.evaluate)
+                self.model.config_files = [os.fspath(str(p)) for p in self.config[self.subcommand].get("config") or []]
+
+        before_predict = before_validate
 
     return SparCLI(
         L.LightningModule,

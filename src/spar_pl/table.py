@@ -34,7 +34,8 @@ EVAL_CONFIGS = {
 def render_table(results: Path, out: Path | None = None, title: str | None = None) -> str:
     """The paper's table (rows x six benchmarks + mean + seconds per image) from a results file.
 
-    The newest entry of each (row, dataset) counts; a missing cell is ``-`` and the mean is then omitted.
+    The newest entry of each (row, dataset) counts; a missing cell is ``-`` and the mean is then omitted. The
+    ``sources`` column numbers the footnotes that say where each cell came from (:func:`cell_source`).
     """
     if not Path(results).is_file():
         raise FileNotFoundError(f"results file not found: {results}")
@@ -43,19 +44,41 @@ def render_table(results: Path, out: Path | None = None, title: str | None = Non
     for e in entries:
         cells[(e["row"], e["dataset"])] = e
     rows = [r for r in ROWS if any(k[0] == r for k in cells)] + sorted({k[0] for k in cells} - set(ROWS))
-    header = ["inference", *TABLE_COLUMNS.values(), "mean", "s/img"]
+    header = ["inference", *TABLE_COLUMNS.values(), "mean", "s/img", "sources"]
     lines = [f"## {title or Path(results).stem}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes: list[str] = []
     for row in rows:
         values = [cells.get((row, d), {}).get("mIoU") for d in TABLE_COLUMNS]
         secs = [cells[(row, d)]["seconds_per_image"] for d in TABLE_COLUMNS if (row, d) in cells]
         mean = sum(values) / len(values) if all(v is not None for v in values) else None
         shown = ["-" if v is None else f"{v:.1f}" for v in (*values, mean)]
         s_img = f"{sum(secs) / len(secs):.3f}" if secs else "-"
-        lines.append("| " + " | ".join([row, *shown, s_img]) + " |")
+        marks = []
+        for dataset, column in TABLE_COLUMNS.items():
+            if (row, dataset) in cells:
+                notes.append(f"{len(notes) + 1}. {row}, {column}: {cell_source(cells[(row, dataset)])}")
+                marks.append(str(len(notes)))
+        lines.append("| " + " | ".join([row, *shown, s_img, ",".join(marks) or "-"]) + " |")
+    if notes:
+        lines += ["", f"Sources (the newest entry of each cell in {Path(results).name}):", "", *notes]
     text = "\n".join(lines) + "\n"
     if out is not None:
         write_text(out, text)
     return text
+
+
+def cell_source(entry: dict) -> str:
+    """One line saying where a table cell came from: the command, weight files (name and SHA-256 prefix), data root,
+    config files and time of its results entry."""
+    if "source" not in entry:
+        return f"no provenance recorded (entry of {entry.get('time', 'unknown time')})"
+    files = [
+        f"{kind} {Path(f['path']).name}" + (f" (sha256 {f['sha256'][:12]})" if f.get("sha256") else "")
+        for kind, f in entry.get("files", {}).items()
+    ]
+    configs = " + ".join(Path(c).name for c in entry.get("config_files", [])) or "no config file"
+    parts = [entry["source"], *files, f"data {entry.get('data_root')}", f"config {configs}", entry.get("time", "")]
+    return "; ".join(p for p in parts if p)
 
 
 def table_runs(
@@ -74,6 +97,7 @@ def table_runs(
     for dataset in TABLE_COLUMNS:
         eval_cfg = config_path(f"eval/{EVAL_CONFIGS.get(backbone, {}).get(dataset, dataset)}.yaml")
         args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg)]
+        args += ["--model.init_args.results_name", backbone, "--model.init_args.table", "true"]
         if roots is not None:
             args += ["--data.init_args.root", str(roots[dataset])]
         runs.append((dataset, ROWS[0], args))
@@ -117,7 +141,8 @@ def table_command(argv=None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny model and generated benchmarks (CPU, offline)")
     args = parser.parse_args(argv)
     if args.render_only:
-        table = render_table(Path(args.results) / f"{args.backbone}.json", Path(args.results) / f"{args.backbone}.md")
+        name = TINY_TWINS.get(args.backbone, "tiny") if args.tiny else args.backbone
+        table = render_table(Path(args.results) / f"{name}.json", Path(args.results) / f"{name}.md")
         print(table)
         return table
     if not args.tiny:
