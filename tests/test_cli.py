@@ -162,3 +162,20 @@ def test_packaged_configs_outside_a_checkout(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["config", "eval/nope.yaml"])
     assert "no packaged config eval/nope.yaml" in capsys.readouterr().err
+
+
+def test_a_written_config_is_self_contained_and_runs_elsewhere(tmp_path, monkeypatch, capsys):
+    """``spar-cli config distill/tiny.yaml > mine.yaml`` in a folder without configs/: it parses and trains."""
+    monkeypatch.chdir(tmp_path)
+    main(["config", "distill/tiny.yaml"])
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
+    assert "../fragments" not in (tmp_path / "mine.yaml").read_text()
+    for name in ("distill/siglip2.yaml", "eval/voc21.yaml"):  # every fragment kind: callbacks, data, trainer
+        main(["config", name])
+        assert "../fragments/" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "mine.yaml", "--print_config"])
+    assert exc.value.code == 0 and "LastCheckpoint" in capsys.readouterr().out
+    main(["tiny-data", "data/tiny", "--train", "2", "--val", "1"])
+    main(["fit", "--config", "mine.yaml", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    assert list((tmp_path / "results/distill-tiny").rglob("last.ckpt"))

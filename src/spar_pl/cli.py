@@ -39,7 +39,14 @@ from spar_pl.encoders import BACKBONES, build_encoder
 from spar_pl.images import read_image, to_pil
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.render import label_image, overlay, save_atomic
-from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
+from spar_pl.runner import (
+    check_writable,
+    config_path,
+    end_process_group,
+    lightning_cli,
+    packaged_configs,
+    self_contained_config,
+)
 from spar_pl.sliding import dense_features, window_starts
 from spar_pl.testing import TINY_MODELS
 
@@ -514,8 +521,9 @@ def table(argv: Sequence[str] | None = None) -> str:
 
 def config(argv: Sequence[str] | None = None) -> str:
     """``spar-cli config [NAME]``: the shipped configs (package data). No NAME lists them; ``spar-cli config
-    distill/siglip2.yaml > my.yaml`` writes one to edit. ``--config configs/NAME`` works from any folder: a path
-    that does not exist there is read from the package."""
+    distill/siglip2.yaml > my.yaml`` writes one to edit, self-contained (the fragments it reads written in place), so
+    ``spar-cli fit --config my.yaml`` runs from any folder. ``--config configs/NAME`` works from any folder too: a
+    path that does not exist there is read from the package."""
     parser = argparse.ArgumentParser(prog="spar-cli config", description=config.__doc__)
     parser.add_argument("name", nargs="?", help="e.g. distill/siglip2.yaml, eval/voc21.yaml (configs/ optional)")
     args = parser.parse_args(argv)
@@ -525,7 +533,7 @@ def config(argv: Sequence[str] | None = None) -> str:
         return text
     name = Path(args.name)
     name = Path(*name.parts[1:]) if name.parts[:1] == ("configs",) else name
-    text = config_path(name).read_text(encoding="utf-8")
+    text = self_contained_config(config_path(name))
     sys.stdout.write(text)
     return text
 

@@ -49,6 +49,38 @@ def packaged_configs() -> list[str]:
     )
 
 
+def _inline(value: object, folder: Path) -> object:
+    """``value`` with every string naming a YAML file (relative to ``folder``) replaced by that file's content."""
+    import yaml
+
+    if isinstance(value, dict):
+        return {k: _inline(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inline(v, folder) for v in value]
+    if isinstance(value, str) and value.endswith((".yaml", ".yml")) and (folder / value).is_file():
+        path = (folder / value).resolve()
+        return _inline(yaml.safe_load(path.read_text(encoding="utf-8")), path.parent)
+    return value
+
+
+def self_contained_config(path: str | Path) -> str:
+    """The YAML text of config ``path`` with the fragments it reads by relative path
+    (``data: ../fragments/data-tiny.yaml``) written in place: a file that parses from any folder. The config's
+    leading comment block is kept."""
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    body = yaml.safe_dump(_inline(yaml.safe_load(text), path.parent), sort_keys=False, allow_unicode=True)
+    note = f"# Written by spar-cli config from {path.parent.name}/{path.name}, its fragments written in place."
+    return "\n".join([*header, note, body])
+
+
 def resolve_configs(args: Sequence[str]) -> list[str]:
     """``args`` with each ``--config configs/...`` (or ``-c``) that does not exist in the current folder replaced by
     the packaged file of that name (a wheel install has no ``configs/`` folder), said in one line on stderr."""
