@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spar_pl.cli import main, quickstart
@@ -79,9 +80,16 @@ def user_errors(tmp):
     (tmp / "file").write_text("not a folder")
     (tmp / "bad.ckpt").write_bytes(b"junk")
     (tmp / "bad.parquet").write_bytes(b"not parquet")
+    (tmp / "broken.yaml").write_text("trainer: [\n")
+    torch.save({"a": torch.zeros(2)}, tmp / "plain.pth")
     write_sample_images(tmp / "imgs", 2, seed=0, size=(48, 64))
     imgs = ["--data.init_args.train_source", str(tmp / "imgs"), "--trainer.default_root_dir", str(tmp / "run")]
     return [
+        ([*TINY_FIT, *imgs, "--ckpt_path", str(tmp / "bad.ckpt")], "bad.ckpt is not a checkpoint"),
+        ([*TINY_FIT, *imgs, "--ckpt_path", str(tmp / "plain.pth")], "plain.pth is not a Lightning checkpoint"),
+        ([*TINY_FIT, *imgs, "--ckpt_path=" + str(tmp / "none.ckpt")], "none.ckpt"),
+        (["fit", "--config", str(tmp / "broken.yaml")], "broken.yaml is not valid YAML (line 2)"),
+        ([*TINY_FIT, *imgs, "--model.init_args.nope", "1"], "'nope' is not accepted"),
         ([*TINY_FIT, "--data.init_args.train_source", str(tmp / "missing")], "missing"),
         (
             [*TINY_FIT, "--data.init_args.train_source", str(tmp / "bad.parquet"), "--data.init_args.num_images", "2"],
@@ -112,6 +120,44 @@ def test_user_errors_are_one_line_and_exit_non_zero(tmp_path, capsys):
         assert len(lines) == 1 and expected in lines[0], (args, err[-2000:])
         assert "Traceback" not in err and "Union subtypes" not in err, (args, err[-2000:])
     assert not list((tmp_path / "run").rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no work done
+    assert not list(tmp_path.rglob("config.yaml"))  # nothing left behind
+
+
+def test_a_dataloader_worker_error_is_one_line(tmp_path, capsys):
+    """A truncated label PNG read in a DataLoader worker (num_workers 2): its own message, no worker traceback."""
+    from spar_pl.testing import write_tiny_benchmarks
+
+    root = write_tiny_benchmarks(tmp_path / "bench", images=2)["voc21"]
+    label = sorted((root / "SegmentationClass").glob("*.png"))[0]
+    label.write_bytes(label.read_bytes()[:100])
+    args = [*TINY_TEST, "--data.init_args.root", str(root), "--data.init_args.num_workers", "2"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--model.init_args.results_dir", str(tmp_path / "r"), "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("spar-cli test")]
+    assert exc.value.code == 1 and len(lines) == 1, err[-2000:]
+    assert lines[0] == f"spar-cli test: error: cannot read label file {label}: Truncated File Read", lines
+    assert "Traceback" not in err and "worker process" not in err
+
+
+def test_offline_hub_lookup_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE and an empty cache: one line saying how to work offline, no retries, no double prefix."""
+    from huggingface_hub import constants
+
+    from spar_pl import offline
+    from spar_pl.cli import shape_scene
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    offline.hub_unreachable.cache_clear()
+    shape_scene().save(tmp_path / "scene.png")
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(tmp_path / "scene.png"), "--classes", "a", "b", "--out", str(tmp_path / "o")])
+    offline.hub_unreachable.cache_clear()
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("spar-cli segment: error: timm/ViT-B-16-SigLIP2-512 is needed from the Hugging Face Hub")
+    assert "HF_HUB_OFFLINE is set" in err and "--weights FILE" in err and "spar-cli: " not in err
 
 
 @pytest.mark.slow

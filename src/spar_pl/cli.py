@@ -205,7 +205,7 @@ def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:
     try:
         return [", ".join(names) for names in segmentation_classes(class_entries(arguments))]
     except ValueError as err:
-        raise SystemExit(f"spar-cli: {err}") from err
+        raise SystemExit(str(err)) from err
 
 
 def distill_demo(root: Path) -> dict[str, float]:
@@ -361,7 +361,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes
             args.precision,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
-        raise SystemExit(f"spar-cli: {err}") from err
+        raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli segment: error: ..."
     try:
         model.check_mode(args.mode, args.stride, modes, args.crop)
     except ValueError as err:
@@ -637,12 +637,28 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 _UNION_DUMP = "Does not validate against any of the Union subtypes"
 
 
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def worker_message(text: str) -> str:
+    """The original error of a DataLoader worker (PyTorch re-raises it with the worker's whole traceback in its
+    message): the last exception line(s) after the traceback, without the type name."""
+    if _WORKER_TRACEBACK not in text:
+        return text
+    lines = text.split(_WORKER_TRACEBACK, 1)[1].splitlines()
+    indented = [i for i, line in enumerate(lines) if line.startswith(" ")]
+    last = " ".join(lines[indented[-1] + 1 :] if indented else lines).strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+
+
 def user_message(err: BaseException) -> str:
     """One line for an ordinary mistake: jsonargparse's dump of a failed class instantiation ("Union subtypes")
-    is replaced by the error that caused it (a checkpoint that does not match, a missing file, ...)."""
+    is replaced by the error that caused it (a checkpoint that does not match, a missing file, ...); an error raised
+    in a DataLoader worker is its original message, without the worker's traceback."""
     while _UNION_DUMP in str(err) and err.__cause__ is not None:
         err = err.__cause__
-    text = str(err).strip()
+    text = worker_message(str(err).strip())
     if _UNION_DUMP in text:  # no cause attached: its "Errors:" list holds the reasons
         reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
         text = reasons[0] if reasons else text.splitlines()[0]
@@ -670,7 +686,7 @@ def main(args: Sequence[str] | None = None) -> None:
         else:
             COMMANDS[command](argv[1:])
         end_process_group()
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, argparse.ArgumentError) as err:
         print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     except SystemExit as exc:

@@ -170,6 +170,69 @@ def continue_last_run(trainer) -> Path | None:
     return newest
 
 
+#: ``--ckpt_path`` values Lightning resolves itself (not files).
+_CKPT_NAMES = ("last", "best", "hpc", "registry", "null", "None")
+
+
+def check_ckpt_path(args: Sequence[str]) -> None:
+    """Check a ``--ckpt_path FILE`` argument before any work: a missing file, or one that is neither a PyTorch nor a
+    safetensors file, raises ``FileNotFoundError``/``ValueError`` naming it (Lightning reads it first to find its
+    hyperparameters, and then fails with a traceback)."""
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        if key != "--ckpt_path" or (not sep and i + 1 >= len(args)):
+            continue
+        value = value if sep else args[i + 1]
+        if value in _CKPT_NAMES or value.startswith("registry:"):
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint (--ckpt_path) not found: {path}")
+        check_lightning_checkpoint(path)
+
+
+def check_lightning_checkpoint(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless it is a Lightning checkpoint PyTorch reads with
+    ``weights_only=True`` (what Lightning does when it resumes)."""
+    import torch
+
+    from spar_pl.weights import CheckpointError, sniff_format
+
+    kind = sniff_format(path)  # not a checkpoint at all: raises naming it
+    if kind == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file: --ckpt_path resumes a Lightning .ckpt (spar-cli fit's)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except Exception as err:  # damaged files and unsafe pickles raise many kinds
+        reason = str(err).strip().split("\n", 1)[0][:200]
+        raise CheckpointError(f"cannot resume from {path}: {type(err).__name__}: {reason}") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "pytorch-lightning_version" not in obj:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict and version): --ckpt_path needs one"
+        )
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Parse each ``--config FILE`` as YAML before any work: a file that is not valid YAML raises ``ValueError``
+    naming it and the line (jsonargparse's own message names neither)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        if key not in ("--config", "-c") or (not sep and i + 1 >= len(args)):
+            continue
+        path = Path(value if sep else args[i + 1])
+        if not path.is_file():
+            continue  # jsonargparse names a missing file
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"config {path} is not valid YAML{where}: {problem}") from None
+
+
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI behind ``fit``/``validate``/``test``/``predict`` (configs compose with ``--config``;
     ``configs/...`` falls back to the packaged configs, :func:`resolve_configs`)."""
@@ -204,6 +267,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
 
         before_predict = before_validate
 
+    check_config_files(args if args is not None else argv)
+    check_ckpt_path(argv)
+    subcommands = ("fit", "validate", "test", "predict")
     return SparCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -214,6 +280,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         # a training run records its config beside its logs; test/validate/predict runs write no config.yaml
         save_config_callback=SaveConfigCallback if argv[:1] == ["fit"] else None,
         auto_configure_optimizers=False,
+        # a parsing error raises (spar-cli prints it in one line) instead of printing the whole usage
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in subcommands}},
         run=run,
     )
 
