@@ -41,6 +41,24 @@ def test_quickstart_default_segments_with_the_shipped_model(tmp_path, capsys):
     assert (tmp_path / "reproduce-tiny.md").is_file() and (tmp_path / "reproduce-tiny.png").is_file()
     assert numbers["reproduce_sliding"] > numbers["reproduce_single"]
     assert "SPAR" in capsys.readouterr().out
+    assert {"image_mIoU_single", "image_mIoU_sliding", "image_mIoU_spar"} <= set(numbers)
+    assert Image.open(tmp_path / "quickstart.png").size == (1450, 340)  # image, truth, single, sliding, SPAR
+
+
+def test_quickstart_picture_shows_each_method_with_its_miou_and_time(tmp_path):
+    """The picture: image, ground truth and one panel per method, each scored on this image."""
+    from spar_pl.cli import shape_scene, side_by_side
+    from spar_pl.scenes import make_scenes
+
+    truth = make_scenes(1, 256, 0, "quickstart")[1][0].numpy()
+    masks = {"single": np.zeros_like(truth), "sliding": truth.copy(), "spar": truth.copy()}
+    masks["spar"][:128] = 0
+    seconds = {"single": 0.1, "sliding": 1.0, "spar": 0.1}
+    scores = side_by_side(
+        shape_scene(0), truth, masks, seconds, ["background", "circle", "ring", "cross"], tmp_path / "q.png"
+    )
+    assert scores["sliding"] == pytest.approx(100.0) and scores["single"] < scores["spar"] < 100.0
+    assert Image.open(tmp_path / "q.png").size == (1450, 340)
 
 
 def test_quickstart_on_a_user_image_and_bad_image(tmp_path):

@@ -137,6 +137,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         + (" (tiny, pretrained on generated shape scenes at 64 px, shipped)" if shipped else "")
     )
 
+    truth = None
     if args.image:
         try:
             image = to_pil(read_image(args.image))  # the one image reader: EXIF, transparency, 16-bit, grayscale
@@ -144,6 +145,9 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
             raise SystemExit(str(err)) from err
     elif shipped:
         image = shape_scene(args.seed)
+        from spar_pl.scenes import make_scenes
+
+        truth = make_scenes(1, 256, args.seed, "quickstart")[1][0].numpy()  # the scene's own labels
     else:
         image = sample_image()
     x = encoder.normalize(read_image(image)[None].to(device))
@@ -166,8 +170,9 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         head = OpenVocabHead.from_encoder(encoder, segmentation_classes_or_exit(classes))
         names = [synonyms[0] for synonyms in head.classes]
         out = Path(args.out)
+        masks = {}
         for tag, feats in (("single", single), ("sliding", sliding)):
-            mask = head.predict(feats, (image.height, image.width))[0].cpu().numpy()
+            mask = masks[tag] = head.predict(feats, (image.height, image.width))[0].cpu().numpy()
             save_atomic(overlay(image, mask, names), out / f"overlay_{tag}.png")
             save_atomic(label_image(mask, len(names)), out / f"labels_{tag}.png")
     numbers = {
@@ -183,19 +188,66 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     print(f"single pass vs sliding window: mean cosine {cosine:.3f}, MSE {mse:.4f}")
     print(f"wrote {out}/overlay_single.png, overlay_sliding.png, labels_single.png, labels_sliding.png")
+    seconds = {"single": numbers["single_pass_s"], "sliding": numbers["sliding_window_s"]}
     if not args.no_distill and shipped:
         from spar_pl.reproduce import reproduce_tiny
 
         print("SPAR on generated scenes with the shipped model, one seed, a short distillation (make reproduce-tiny):")
-        runs = reproduce_tiny(out, seeds=[args.seed], eval_images=8, distill_steps=40, distill_batch=2, threads=None)
+        students: dict = {}
+        runs = reproduce_tiny(
+            out, seeds=[args.seed], eval_images=8, distill_steps=40, distill_batch=2, threads=None, students=students
+        )
         numbers.update({f"reproduce_{k}": v for k, v in runs[args.seed].items()})
-    elif not args.no_distill:
+        student = students[args.seed].to(device).eval()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            spar = student(student.normalize(read_image(image)[None].to(device))).float()
+            seconds["spar"] = time.perf_counter() - t0
+            spar_head = OpenVocabHead.from_encoder(student, segmentation_classes_or_exit(classes))
+            masks["spar"] = spar_head.predict(spar, (image.height, image.width))[0].cpu().numpy()
+        save_atomic(overlay(image, masks["spar"], names), out / "overlay_spar.png")
+        save_atomic(label_image(masks["spar"], len(names)), out / "labels_spar.png")
+    figure = side_by_side(image, truth, masks, seconds, names, out / "quickstart.png")
+    numbers.update({f"image_mIoU_{k}": v for k, v in figure.items()})
+    print(f"wrote {out}/quickstart.png (" + ", ".join(f"{k} mIoU {v:.1f}" for k, v in figure.items()) + ")")
+    if not args.no_distill and not shipped:
         numbers.update(distill_demo(out / "distill"))
         from spar_pl.table import table_tiny
 
         print("the paper's table on tiny generated benchmarks (make table-tiny):")
         numbers["table"] = table_tiny(out)
     return numbers
+
+
+def side_by_side(
+    image: Image.Image,
+    truth,
+    masks: dict,
+    seconds: dict[str, float],
+    names: Sequence[str],
+    path: Path,
+) -> dict[str, float]:
+    """The quickstart's picture: the image, its ground truth (when known) and each method's mask side by side, each
+    titled with its mIoU on this image (when the truth is known) and its time. Returns the mIoU per method."""
+    import numpy as np
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    from spar_pl.render import panel_figure
+
+    titles = {"single": "single pass", "sliding": "sliding window", "spar": "SPAR (distilled single pass)"}
+    panels = [("image", image)]
+    scores: dict[str, float] = {}
+    if truth is not None:
+        panels.append(("ground truth", overlay(image, np.asarray(truth), names)))
+    for tag, mask in masks.items():
+        title = f"{titles[tag]}\n{seconds[tag]:.3f} s"
+        if truth is not None:
+            pred, target = torch.as_tensor(mask).long(), torch.as_tensor(np.asarray(truth)).long()
+            scores[tag] = 100 * float(multiclass_jaccard_index(pred, target, len(names), ignore_index=255))
+            title = f"{titles[tag]}\nmIoU {scores[tag]:.1f}, {seconds[tag]:.3f} s"
+        panels.append((title, overlay(image, mask, names)))
+    panel_figure(panels, path)
+    return scores
 
 
 def segmentation_classes_or_exit(arguments: Sequence[str]) -> list[str]:

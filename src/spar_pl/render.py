@@ -173,3 +173,24 @@ def save_atomic(image: Image.Image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path
+
+
+def panel_figure(panels: Sequence[tuple[str, Image.Image]], path: str | Path, title: str = "") -> Path:
+    """Pictures side by side with a title each (matplotlib), written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.4), layout="constrained", squeeze=False)
+    for ax, (name, picture) in zip(axes[0], panels):
+        ax.imshow(np.asarray(picture.convert("RGB")))
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

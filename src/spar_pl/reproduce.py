@@ -207,7 +207,7 @@ def _trainer(max_steps: int, root: str | Path | None, progress: bool, callbacks=
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
-        max_epochs=-1,
+        max_epochs=1,  # one pass over the stream: max_steps batches
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -336,8 +336,10 @@ def run_seed(
     distill_batch: int = 2,
     lr: float = 5e-4,
     log: Callable[[str], None] = print,
+    students: dict | None = None,
 ) -> dict[str, float]:
     """One seed of the experiment: held-out scenes of that seed, preconditions, SPAR distillation, the three methods.
+    The distilled student is kept in ``students[seed]`` when ``students`` is given.
 
     Returns:
         mIoU (percent) and seconds per image of ``native``, ``single``, ``sliding`` and ``spar``, plus the
@@ -357,8 +359,10 @@ def run_seed(
         f"sliding window {r['sliding']:.1f}"
     )
     t0 = time.perf_counter()
-    module = distill(weights, seed, distill_steps, distill_batch, lr)
+    module = distill(weights, seed, distill_steps, distill_batch, lr, progress=True)
     r["distill_s"] = time.perf_counter() - t0
+    if students is not None:
+        students[seed] = module.student
     spar_head = OpenVocabHead.from_encoder(module.student, SHAPE_CLASSES)
     r["spar"], r["spar_s"] = evaluate(module.student, spar_head, high_x, high_y, normalize=module.student.normalize)
     log(f"seed {seed}: SPAR {r['spar']:.1f} after {distill_steps} distillation steps ({r['distill_s']:.0f}s)")
@@ -495,6 +499,7 @@ def reproduce_tiny(
     lr: float = 5e-4,
     threads: int | None = 2,
     log: Callable[[str], None] = print,
+    students: dict | None = None,
 ) -> dict[int, dict[str, float]]:
     """The whole experiment over ``seeds``; prints the table, writes ``reproduce-tiny.md`` and ``reproduce-tiny.png``.
 
@@ -508,6 +513,7 @@ def reproduce_tiny(
         lr: distillation AdamW learning rate.
         threads: torch CPU threads (``None``: leave as is).
         log: where progress lines go.
+        students: when given, receives each seed's distilled student (``students[seed]``).
     """
     from spar_pl.fileio import write_text
 
@@ -515,7 +521,10 @@ def reproduce_tiny(
         torch.set_num_threads(threads)
     weights = Path(weights) if weights else shipped_weights()
     t0 = time.perf_counter()
-    runs = {s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log=log) for s in seeds}
+    runs = {
+        s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log=log, students=students)
+        for s in seeds
+    }
     elapsed = time.perf_counter() - t0
     settings = (
         f"Model `{TINY_MODEL}` (MaskCLIP-style open_clip ViT, patch 8, 4 blocks, width 128, native 64 px) with "
