@@ -170,6 +170,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         head = OpenVocabHead.from_encoder(encoder, segmentation_classes_or_exit(classes))
         names = [synonyms[0] for synonyms in head.classes]
         out = Path(args.out)
+        save_atomic(image, out / "image.png")  # the input, to segment again with spar-cli segment
         masks = {}
         for tag, feats in (("single", single), ("sliding", sliding)):
             mask = masks[tag] = head.predict(feats, (image.height, image.width))[0].cpu().numpy()
