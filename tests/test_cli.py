@@ -243,3 +243,30 @@ def test_a_written_config_is_self_contained_and_runs_elsewhere(tmp_path, monkeyp
     main(["tiny-data", "data/tiny", "--train", "2", "--val", "1"])
     main(["fit", "--config", "mine.yaml", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
     assert list((tmp_path / "results/distill-tiny").rglob("last.ckpt"))
+
+
+def test_cache_and_fit_without_validation_raise_no_lightning_noise(tmp_path, recwarn):
+    """``spar-cli cache`` names entries by image id (no "Couldn't infer the batch indices"); a fit without
+    ``val_source`` has an empty validation list on purpose (no "Total length of `list` across ranks is zero")."""
+    write_sample_images(tmp_path / "imgs", 2, seed=0, size=(48, 64))
+    args = [*TINY_FIT[1:], "--data.init_args.train_source", str(tmp_path / "imgs"), "--trainer.max_epochs", "1"]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false"]
+    main(["cache", *args, "--model.init_args.teacher_cache", str(tmp_path / "cache")])
+    main(["fit", *args, "--trainer.limit_train_batches", "1"])
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "batch indices" in m or "across ranks is zero" in m], messages
+
+
+def test_a_resumed_run_shows_its_version_number(tmp_path):
+    """``--ckpt_path last`` continues version_0 and the progress bar's ``v_num`` is 0, not ``on_0``."""
+    from spar_pl.runner import continue_last_run
+
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"x")
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False)
+    assert continue_last_run(trainer) == checkpoints / "last.ckpt"
+    assert trainer.logger.version == 0 and trainer.logger.log_dir == str(tmp_path / "lightning_logs" / "version_0")

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -199,10 +200,12 @@ def test_ddp_counts_every_image_exactly_once(bench, tmp_path):
 
 
 @pytest.mark.slow
-def test_table_tiny_end_to_end(tmp_path):
+def test_table_tiny_end_to_end(tmp_path, caplog):
     from spar_pl.table import table_command
 
-    table = table_command(["--tiny", "--results", str(tmp_path)])
+    with caplog.at_level(logging.INFO):
+        table = table_command(["--tiny", "--results", str(tmp_path)])
+    assert sum("Seed set to" in r.getMessage() for r in caplog.records) == 1  # said once, not by each of 19 runs
     rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
     assert [r.split("|")[1].strip() for r in rows] == [
         "pretrained, single pass",

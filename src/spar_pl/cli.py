@@ -621,6 +621,8 @@ _NOISE_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",  # quickstart/table run it in-process
     r"Your `IterableDataset` has `__len__` defined",  # StreamingImages' length is exact per rank and worker
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen teacher, in eval mode on purpose
+    r"Total length of `list` across ranks is zero",  # DistillDataModule's empty validation list (no val_source)
+    r"Couldn't infer the batch indices",  # spar-cli cache's writer names entries by image id, not by index
 )
 
 

@@ -156,7 +156,11 @@ def continue_last_run(trainer) -> Path | None:
     if not found:
         return None
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    logger._version = newest.parents[1].name  # loggers read their version lazily: set before the first use
+    folder = newest.parents[1].name
+    number = folder.removeprefix("version_")
+    # loggers read their version lazily: set before the first use; version_N as the number N (the progress bar
+    # shows an int version as it is, a string by its last 4 characters: "on_0")
+    logger._version = int(number) if number.isdigit() else folder
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     metrics = Path(logger.log_dir) / "metrics.csv"

@@ -7,6 +7,7 @@ this process through :func:`spar_pl.runner.run_lightning` (each appends to ``res
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from spar_pl.callbacks import read_results
@@ -112,10 +113,16 @@ def table_runs(
 def run_table(backbone: str, checkpoint: str | None, results_dir: str = "results", roots=None, extra=()) -> str:
     """Run the 18 evaluations of one backbone in this process and render ``results/<backbone>.md``."""
     runs = table_runs(backbone, checkpoint, roots)
-    for k, (dataset, row, args) in enumerate(runs, 1):
-        print(f"[{k}/{len(runs)}] {dataset}: {row}", flush=True)
-        quiet = ["--trainer.enable_progress_bar", "false", "--verbose", "false"]  # the table is the summary
-        run_lightning([*args, "--model.init_args.results_dir", results_dir, *quiet, *extra])
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0": said by the first run only
+    level = seed_log.level
+    try:
+        for k, (dataset, row, args) in enumerate(runs, 1):
+            print(f"[{k}/{len(runs)}] {dataset}: {row}", flush=True)
+            quiet = ["--trainer.enable_progress_bar", "false", "--verbose", "false"]  # the table is the summary
+            run_lightning([*args, "--model.init_args.results_dir", results_dir, *quiet, *extra])
+            seed_log.setLevel(logging.WARNING)
+    finally:
+        seed_log.setLevel(level)
     results = Path(results_dir) / f"{backbone}.json"
     table = render_table(results, Path(results_dir) / f"{backbone}.md", title=f"{backbone}: mIoU (%)")
     print(table)
@@ -171,4 +178,10 @@ def table_tiny(results: Path, name: str = "tiny") -> str:
     fit += ["--trainer.default_root_dir", str(work / "distill"), "--trainer.enable_progress_bar", "false"]
     run_lightning(fit)
     checkpoint = max((work / "distill").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return run_table(name, str(checkpoint), str(results), roots)
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # the distillation said "Seed set to 0"
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        return run_table(name, str(checkpoint), str(results), roots)
+    finally:
+        seed_log.setLevel(level)
