@@ -13,12 +13,12 @@ PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]' $(PIP_QUIET)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
 	touch $@
 
-install: $(VENV)/.installed ## Create .venv and install spar-pl with its dev extras
+install: $(VENV)/.installed ## Create .venv and install spar-pl with its dev extras (torch pinned by constraints.txt)
 
 quickstart: install ## Run the main job on the embedded default (shipped tiny pretrained model, generated scene; CPU, offline)
 	$(VENV)/bin/spar-cli quickstart

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spar_pl.cli import main, quickstart
@@ -40,6 +41,24 @@ def test_quickstart_default_segments_with_the_shipped_model(tmp_path, capsys):
     assert (tmp_path / "reproduce-tiny.md").is_file() and (tmp_path / "reproduce-tiny.png").is_file()
     assert numbers["reproduce_sliding"] > numbers["reproduce_single"]
     assert "SPAR" in capsys.readouterr().out
+    assert {"image_mIoU_single", "image_mIoU_sliding", "image_mIoU_spar"} <= set(numbers)
+    assert Image.open(tmp_path / "quickstart.png").size == (1450, 340)  # image, truth, single, sliding, SPAR
+
+
+def test_quickstart_picture_shows_each_method_with_its_miou_and_time(tmp_path):
+    """The picture: image, ground truth and one panel per method, each scored on this image."""
+    from spar_pl.cli import shape_scene, side_by_side
+    from spar_pl.scenes import make_scenes
+
+    truth = make_scenes(1, 256, 0, "quickstart")[1][0].numpy()
+    masks = {"single": np.zeros_like(truth), "sliding": truth.copy(), "spar": truth.copy()}
+    masks["spar"][:128] = 0
+    seconds = {"single": 0.1, "sliding": 1.0, "spar": 0.1}
+    scores = side_by_side(
+        shape_scene(0), truth, masks, seconds, ["background", "circle", "ring", "cross"], tmp_path / "q.png"
+    )
+    assert scores["sliding"] == pytest.approx(100.0) and scores["single"] < scores["spar"] < 100.0
+    assert Image.open(tmp_path / "q.png").size == (1450, 340)
 
 
 def test_quickstart_on_a_user_image_and_bad_image(tmp_path):
@@ -79,9 +98,16 @@ def user_errors(tmp):
     (tmp / "file").write_text("not a folder")
     (tmp / "bad.ckpt").write_bytes(b"junk")
     (tmp / "bad.parquet").write_bytes(b"not parquet")
+    (tmp / "broken.yaml").write_text("trainer: [\n")
+    torch.save({"a": torch.zeros(2)}, tmp / "plain.pth")
     write_sample_images(tmp / "imgs", 2, seed=0, size=(48, 64))
     imgs = ["--data.init_args.train_source", str(tmp / "imgs"), "--trainer.default_root_dir", str(tmp / "run")]
     return [
+        ([*TINY_FIT, *imgs, "--ckpt_path", str(tmp / "bad.ckpt")], "bad.ckpt is not a checkpoint"),
+        ([*TINY_FIT, *imgs, "--ckpt_path", str(tmp / "plain.pth")], "plain.pth is not a Lightning checkpoint"),
+        ([*TINY_FIT, *imgs, "--ckpt_path=" + str(tmp / "none.ckpt")], "none.ckpt"),
+        (["fit", "--config", str(tmp / "broken.yaml")], "broken.yaml is not valid YAML (line 2)"),
+        ([*TINY_FIT, *imgs, "--model.init_args.nope", "1"], "'nope' is not accepted"),
         ([*TINY_FIT, "--data.init_args.train_source", str(tmp / "missing")], "missing"),
         (
             [*TINY_FIT, "--data.init_args.train_source", str(tmp / "bad.parquet"), "--data.init_args.num_images", "2"],
@@ -112,6 +138,44 @@ def test_user_errors_are_one_line_and_exit_non_zero(tmp_path, capsys):
         assert len(lines) == 1 and expected in lines[0], (args, err[-2000:])
         assert "Traceback" not in err and "Union subtypes" not in err, (args, err[-2000:])
     assert not list((tmp_path / "run").rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no work done
+    assert not list(tmp_path.rglob("config.yaml"))  # nothing left behind
+
+
+def test_a_dataloader_worker_error_is_one_line(tmp_path, capsys):
+    """A truncated label PNG read in a DataLoader worker (num_workers 2): its own message, no worker traceback."""
+    from spar_pl.testing import write_tiny_benchmarks
+
+    root = write_tiny_benchmarks(tmp_path / "bench", images=2)["voc21"]
+    label = sorted((root / "SegmentationClass").glob("*.png"))[0]
+    label.write_bytes(label.read_bytes()[:100])
+    args = [*TINY_TEST, "--data.init_args.root", str(root), "--data.init_args.num_workers", "2"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--model.init_args.results_dir", str(tmp_path / "r"), "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("spar-cli test")]
+    assert exc.value.code == 1 and len(lines) == 1, err[-2000:]
+    assert lines[0] == f"spar-cli test: error: cannot read label file {label}: Truncated File Read", lines
+    assert "Traceback" not in err and "worker process" not in err
+
+
+def test_offline_hub_lookup_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE and an empty cache: one line saying how to work offline, no retries, no double prefix."""
+    from huggingface_hub import constants
+
+    from spar_pl import offline
+    from spar_pl.cli import shape_scene
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    offline.hub_unreachable.cache_clear()
+    shape_scene().save(tmp_path / "scene.png")
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(tmp_path / "scene.png"), "--classes", "a", "b", "--out", str(tmp_path / "o")])
+    offline.hub_unreachable.cache_clear()
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("spar-cli segment: error: timm/ViT-B-16-SigLIP2-512 is needed from the Hugging Face Hub")
+    assert "HF_HUB_OFFLINE is set" in err and "--weights FILE" in err and "spar-cli: " not in err
 
 
 @pytest.mark.slow
@@ -138,3 +202,47 @@ def test_console_is_quiet_and_each_line_once(tmp_path):
 
     cli = lightning_cli(args[1:], run=False)
     assert cli.trainer.progress_bar_callback.theme.metrics_format == ".3g"
+
+
+def test_a_written_config_is_self_contained_and_runs_elsewhere(tmp_path, monkeypatch, capsys):
+    """``spar-cli config distill/tiny.yaml > mine.yaml`` in a folder without configs/: it parses and trains."""
+    monkeypatch.chdir(tmp_path)
+    main(["config", "distill/tiny.yaml"])
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
+    assert "../fragments" not in (tmp_path / "mine.yaml").read_text()
+    for name in ("distill/siglip2.yaml", "eval/voc21.yaml"):  # every fragment kind: callbacks, data, trainer
+        main(["config", name])
+        assert "../fragments/" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "mine.yaml", "--print_config"])
+    assert exc.value.code == 0 and "LastCheckpoint" in capsys.readouterr().out
+    main(["tiny-data", "data/tiny", "--train", "2", "--val", "1"])
+    main(["fit", "--config", "mine.yaml", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    assert list((tmp_path / "results/distill-tiny").rglob("last.ckpt"))
+
+
+def test_cache_and_fit_without_validation_raise_no_lightning_noise(tmp_path, recwarn):
+    """``spar-cli cache`` names entries by image id (no "Couldn't infer the batch indices"); a fit without
+    ``val_source`` has an empty validation list on purpose (no "Total length of `list` across ranks is zero")."""
+    write_sample_images(tmp_path / "imgs", 2, seed=0, size=(48, 64))
+    args = [*TINY_FIT[1:], "--data.init_args.train_source", str(tmp_path / "imgs"), "--trainer.max_epochs", "1"]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false"]
+    main(["cache", *args, "--model.init_args.teacher_cache", str(tmp_path / "cache")])
+    main(["fit", *args, "--trainer.limit_train_batches", "1"])
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "batch indices" in m or "across ranks is zero" in m], messages
+
+
+def test_a_resumed_run_shows_its_version_number(tmp_path):
+    """``--ckpt_path last`` continues version_0 and the progress bar's ``v_num`` is 0, not ``on_0``."""
+    from spar_pl.runner import continue_last_run
+
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"x")
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False)
+    assert continue_last_run(trainer) == checkpoints / "last.ckpt"
+    assert trainer.logger.version == 0 and trainer.logger.log_dir == str(tmp_path / "lightning_logs" / "version_0")

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -210,3 +211,42 @@ def test_a_config_with_the_removed_protocol_overrides_says_where_it_went(capsys)
     lines = [line for line in err.splitlines() if line.startswith("spar-cli")]  # Lightning's INFO lines aside
     assert exc.value.code == 1 and len(lines) == 1 and "eval/voc21-maskclip.yaml" in lines[0]
     assert "Traceback" not in err and "Union subtypes" not in err
+
+
+def test_ad_hoc_runs_keep_their_own_file_and_cells_say_where_they_came_from(bench, tmp_path, capsys):
+    """An ad-hoc ``spar-cli test`` writes <name>-test.json with its checkpoint digest, data root, configs and time; the
+    table's file and its rendered cells stay as the table left them; ``--render-only --tiny`` renders tiny.md."""
+    from safetensors.torch import save_file
+
+    from spar_pl.cli import main
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_eval().encoder.model.state_dict().items()}, str(weights))
+    table_entry = {"dataset": "voc20", "row": "SPAR", "mIoU": 5.7, "seconds_per_image": 0.1}
+    (tmp_path / "tiny.json").write_text(json.dumps([table_entry]))
+    args = [
+        "test",
+        "--config",
+        str(ROOT / "configs/eval/voc20.yaml"),
+        "--config",
+        str(ROOT / "configs/backbones/tiny.yaml"),
+    ]
+    args += ["--data.init_args.root", str(bench["voc20"]), "--data.init_args.num_workers", "0"]
+    args += ["--model.init_args.results_dir", str(tmp_path), "--model.init_args.weights", str(weights)]
+    main([*args, "--trainer.enable_progress_bar", "false"])
+    entry = json.loads((tmp_path / "tiny-test.json").read_text())[-1]
+    assert entry["row"] == "SPAR" and entry["source"] == "spar-cli test"
+    assert entry["files"]["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert entry["data_root"] == str(Path(bench["voc20"]).absolute())
+    assert [Path(c).name for c in entry["config_files"]] == ["voc20.yaml", "tiny.yaml"]
+    assert entry["time"]
+    assert json.loads((tmp_path / "tiny.json").read_text()) == [table_entry]  # the table's file is untouched
+    capsys.readouterr()
+    main(["table", "--render-only", "--tiny", "--results", str(tmp_path)])
+    table = (tmp_path / "tiny.md").read_text()
+    assert "| SPAR | - | 5.7 |" in table and "1. SPAR, VOC20: no provenance recorded" in table
+    (tmp_path / "tiny.json").write_text(json.dumps([entry]))
+    main(["table", "--render-only", "--tiny", "--results", str(tmp_path)])
+    note = next(line for line in (tmp_path / "tiny.md").read_text().splitlines() if line.startswith("1. SPAR, VOC20"))
+    assert f"weights w.safetensors (sha256 {entry['files']['weights']['sha256'][:12]})" in note
+    assert f"data {entry['data_root']}" in note and "config voc20.yaml + tiny.yaml" in note

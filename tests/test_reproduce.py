@@ -140,3 +140,32 @@ def test_reproduce_tiny_keeps_the_papers_ordering(tmp_path):
     assert single < sliding - 10.0  # ... which the sliding window does not have (about 79) ...
     assert single < spar - 2.0  # ... and SPAR narrows without labels (about 57)
     assert "NOT MET" not in text
+
+
+def test_figure_is_drawn_with_matplotlib_on_a_log_cost_axis(tmp_path, monkeypatch):
+    """The figure is matplotlib's (two panels, the cost panel's y axis logarithmic), a PNG of 9 x 3.8 in at 110 dpi."""
+    import matplotlib.figure
+    from PIL import Image
+
+    from spar_pl.reproduce import draw_figure
+
+    runs = {
+        s: {"native": 70.0 + s, "single": 30.0, "sliding": 55.0, "spar": 50.0, "distill_s": 1.0}
+        | {"native_s": 1e-3, "single_s": 4e-3, "sliding_s": 5e-2, "spar_s": 4e-3}
+        for s in range(3)
+    }
+    drawn, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        drawn.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    draw_figure(runs, tmp_path / "f.png")
+    (figure,) = drawn
+    assert [ax.get_yscale() for ax in figure.axes] == ["linear", "log"]
+    assert figure.get_suptitle().startswith("SPAR on a CPU: 3 seeds")
+    with Image.open(tmp_path / "f.png") as png:
+        assert png.format == "PNG" and png.size == (990, 418)
+    draw_figure({0: runs[0]}, tmp_path / "one.png")
+    assert drawn[-1].get_suptitle().startswith("SPAR on a CPU: 1 seed;")

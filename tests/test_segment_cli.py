@@ -138,3 +138,30 @@ def test_empty_directory_fails(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, stdout, stderr = run(["features", str(tmp_path / "empty"), *TINY, "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and "0 of 0 images" in stdout and "no image files" in stderr
+
+
+def test_legend_always_shows_and_names_every_script_readably(tmp_path):
+    """A long class name is ellipsised, not a reason to drop the legend; Latin, Greek and Cyrillic are drawn with
+    DejaVu Sans; characters it lacks (CJK, emoji) become their code points instead of boxes."""
+    import numpy as np
+    from PIL import Image
+
+    from spar_pl.render import drawable, ellipsise, font_file, overlay
+
+    path, covered = font_file()
+    assert path.endswith("DejaVuSans.ttf") and {ord(c) for c in "éßкотγάτα…"} <= covered
+    assert drawable("猫 кот γάτα 🦜") == "<U+732B> кот γάτα <U+1F99C>"
+    assert ellipsise("a very long class name", 50, lambda t: 10 * len(t)) == "a ve…"
+    image = Image.new("RGB", (200, 150), (120, 120, 120))
+    mask = np.zeros((150, 200), dtype=np.int64)
+    mask[:, 100:] = 1
+    names = ["background", "an extremely long class name that is wider than the whole image " * 3]
+    shown = np.asarray(overlay(image, mask, names))
+    plain = np.asarray(overlay(image, mask, names, max_area=0.0))  # the first line shows at any max_area
+    grey = 0.45 * 120 + 0.55 * np.asarray([[230, 81, 81]])  # class 0's colour blended over the grey image
+    for picture in (shown, plain):
+        legend = np.abs(picture.astype(int) - np.round(grey).astype(int)).sum(-1) > 3
+        assert legend[:, :100].sum() > 200
+    green = Image.new("RGB", (200, 150), (0, 255, 0))  # the image's own colours do not show through
+    as_grey = green.convert("L").convert("RGB")
+    assert (np.asarray(overlay(green, mask, names)) == np.asarray(overlay(as_grey, mask, names))).all()

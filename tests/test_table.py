@@ -1,6 +1,7 @@
 """The paper's table (spar_pl.table): the 18 runs behind it and its rendering."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,12 @@ def test_table_runs_and_rendering(tmp_path):
 
 
 @pytest.mark.slow
-def test_table_tiny_end_to_end(tmp_path):
+def test_table_tiny_end_to_end(tmp_path, caplog):
     from spar_pl.table import table_command
 
-    table = table_command(["--tiny", "--results", str(tmp_path)])
+    with caplog.at_level(logging.INFO):
+        table = table_command(["--tiny", "--results", str(tmp_path)])
+    assert sum("Seed set to" in r.getMessage() for r in caplog.records) == 1  # said once, not by each of 19 runs
     rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
     assert [r.split("|")[1].strip() for r in rows] == [
         "pretrained, single pass",

@@ -36,12 +36,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from spar_pl.encoders import BACKBONES
 from spar_pl.families import backbone_family, backbone_names
 from spar_pl.images import read_image, to_pil
 from spar_pl.recipes import RECIPES
-from spar_pl.runner import check_writable, config_path, end_process_group, lightning_cli, packaged_configs
+from spar_pl.render import overlay, save_atomic
+from spar_pl.runner import (
+    check_writable,
+    config_path,
+    end_process_group,
+    lightning_cli,
+    packaged_configs,
+    self_contained_config,
+)
 from spar_pl.sliding import window_starts
 from spar_pl.testing import TINY_MODELS
 
@@ -118,6 +127,11 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     n_windows = len(window_starts(image.height, crop, args.stride)) * len(window_starts(image.width, crop, args.stride))
     print(f"image: {image.width}x{image.height}; teacher: {n_windows} windows of {crop}px, stride {args.stride}")
 
+    truth = None
+    if shipped:  # the held-out scene's own labels (scene_image draws the first scene of the same stream)
+        from spar_pl.scenes import make_scenes
+
+        truth = make_scenes(1, 256, args.seed, "quickstart")[1][0].numpy()
     t0 = time.perf_counter()
     single = model.features(image)
     t1 = time.perf_counter()
@@ -127,8 +141,12 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     cosine = F.cosine_similarity(single, sliding, dim=1).mean().item()
     mse = F.mse_loss(single, sliding).item()
     out = Path(args.out)
+    save_atomic(image, out / "image.png")  # the input, to segment again with spar-cli segment
+    masks, names = {}, []
     for tag, mode in (("single", "single"), ("sliding", "sliding-features")):
-        model.segment(image, classes, mode, args.stride, args.crop).save(out, tag, name="{kind}_{stem}")
+        result = model.segment(image, classes, mode, args.stride, args.crop)
+        result.save(out, tag, name="{kind}_{stem}")
+        masks[tag], names = result.mask, result.classes
     numbers = {
         "single_pass_s": t1 - t0,
         "sliding_window_s": t2 - t1,
@@ -142,19 +160,65 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     print(f"single pass vs sliding window: mean cosine {cosine:.3f}, MSE {mse:.4f}")
     print(f"wrote {out}/overlay_single.png, overlay_sliding.png, labels_single.png, labels_sliding.png")
+    seconds = {"single": numbers["single_pass_s"], "sliding": numbers["sliding_window_s"]}
     if not args.no_distill and shipped:
+        from spar_pl.api import SPAR
         from spar_pl.reproduce import reproduce_tiny
 
         print("SPAR on generated scenes with the shipped model, one seed, a short distillation (make reproduce-tiny):")
-        runs = reproduce_tiny(out, seeds=[args.seed], eval_images=8, distill_steps=40, distill_batch=2, threads=None)
+        students: dict = {}
+        runs = reproduce_tiny(
+            out, seeds=[args.seed], eval_images=8, distill_steps=40, distill_batch=2, threads=None, students=students
+        )
         numbers.update({f"reproduce_{k}": v for k, v in runs[args.seed].items()})
-    elif not args.no_distill:
+        student = SPAR(students[args.seed].to(model.device).eval(), args.backbone, precision=args.precision)
+        t0 = time.perf_counter()
+        student.features(image)
+        seconds["spar"] = time.perf_counter() - t0
+        result = student.segment(image, classes)
+        result.save(out, "spar", name="{kind}_{stem}")
+        masks["spar"] = result.mask
+    figure = side_by_side(image, truth, masks, seconds, names, out / "quickstart.png")
+    numbers.update({f"image_mIoU_{k}": v for k, v in figure.items()})
+    print(f"wrote {out}/quickstart.png (" + ", ".join(f"{k} mIoU {v:.1f}" for k, v in figure.items()) + ")")
+    if not args.no_distill and not shipped:
         numbers.update(distill_demo(out / "distill"))
         from spar_pl.table import table_tiny
 
         print("the paper's table on tiny generated benchmarks (make table-tiny):")
         numbers["table"] = table_tiny(out)
     return numbers
+
+
+def side_by_side(
+    image: Image.Image,
+    truth,
+    masks: dict,
+    seconds: dict[str, float],
+    names: Sequence[str],
+    path: Path,
+) -> dict[str, float]:
+    """The quickstart's picture: the image, its ground truth (when known) and each method's mask side by side, each
+    titled with its mIoU on this image (when the truth is known) and its time. Returns the mIoU per method."""
+    import numpy as np
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    from spar_pl.render import panel_figure
+
+    titles = {"single": "single pass", "sliding": "sliding window", "spar": "SPAR (distilled single pass)"}
+    panels = [("image", image)]
+    scores: dict[str, float] = {}
+    if truth is not None:
+        panels.append(("ground truth", overlay(image, np.asarray(truth), names)))
+    for tag, mask in masks.items():
+        title = f"{titles[tag]}\n{seconds[tag]:.3f} s"
+        if truth is not None:
+            pred, target = torch.as_tensor(mask).long(), torch.as_tensor(np.asarray(truth)).long()
+            scores[tag] = 100 * float(multiclass_jaccard_index(pred, target, len(names), ignore_index=255))
+            title = f"{titles[tag]}\nmIoU {scores[tag]:.1f}, {seconds[tag]:.3f} s"
+        panels.append((title, overlay(image, mask, names)))
+    panel_figure(panels, path)
+    return scores
 
 
 def distill_demo(root: Path) -> dict[str, float]:
@@ -375,7 +439,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, modes
             dense=args.dense,
         )
     except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
-        raise SystemExit(f"spar-cli: {err}") from err
+        raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli segment: error: ..."
     try:
         args.mode = model.check_mode(args.mode, args.stride, modes, args.crop)
     except ValueError as err:
@@ -548,8 +612,9 @@ def models(argv: Sequence[str] | None = None) -> str:
 
 def config(argv: Sequence[str] | None = None) -> str:
     """``spar-cli config [NAME]``: the shipped configs (package data). No NAME lists them; ``spar-cli config
-    distill/siglip2.yaml > my.yaml`` writes one to edit. ``--config configs/NAME`` works from any folder: a path
-    that does not exist there is read from the package."""
+    distill/siglip2.yaml > my.yaml`` writes one to edit, self-contained (the fragments it reads written in place), so
+    ``spar-cli fit --config my.yaml`` runs from any folder. ``--config configs/NAME`` works from any folder too: a
+    path that does not exist there is read from the package."""
     parser = argparse.ArgumentParser(prog="spar-cli config", description=config.__doc__)
     parser.add_argument("name", nargs="?", help="e.g. distill/siglip2.yaml, eval/voc21.yaml (configs/ optional)")
     args = parser.parse_args(argv)
@@ -559,7 +624,7 @@ def config(argv: Sequence[str] | None = None) -> str:
         return text
     name = Path(args.name)
     name = Path(*name.parts[1:]) if name.parts[:1] == ("configs",) else name
-    text = config_path(name).read_text(encoding="utf-8")
+    text = self_contained_config(config_path(name))
     sys.stdout.write(text)
     return text
 
@@ -604,6 +669,8 @@ _NOISE_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",  # quickstart/table run it in-process
     r"Your `IterableDataset` has `__len__` defined",  # StreamingImages' length is exact per rank and worker
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen teacher, in eval mode on purpose
+    r"Total length of `list` across ranks is zero",  # DistillDataModule's empty validation list (no val_source)
+    r"Couldn't infer the batch indices",  # spar-cli cache's writer names entries by image id, not by index
 )
 
 
@@ -673,12 +740,28 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 _UNION_DUMP = "Does not validate against any of the Union subtypes"
 
 
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def worker_message(text: str) -> str:
+    """The original error of a DataLoader worker (PyTorch re-raises it with the worker's whole traceback in its
+    message): the last exception line(s) after the traceback, without the type name."""
+    if _WORKER_TRACEBACK not in text:
+        return text
+    lines = text.split(_WORKER_TRACEBACK, 1)[1].splitlines()
+    indented = [i for i, line in enumerate(lines) if line.startswith(" ")]
+    last = " ".join(lines[indented[-1] + 1 :] if indented else lines).strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+
+
 def user_message(err: BaseException) -> str:
     """One line for an ordinary mistake: jsonargparse's dump of a failed class instantiation ("Union subtypes")
-    is replaced by the error that caused it (a checkpoint that does not match, a missing file, ...)."""
+    is replaced by the error that caused it (a checkpoint that does not match, a missing file, ...); an error raised
+    in a DataLoader worker is its original message, without the worker's traceback."""
     while _UNION_DUMP in str(err) and err.__cause__ is not None:
         err = err.__cause__
-    text = str(err).strip()
+    text = worker_message(str(err).strip())
     if _UNION_DUMP in text:  # no cause attached: its "Errors:" list holds the reasons
         reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
         text = reasons[0] if reasons else text.splitlines()[0]
@@ -706,7 +789,7 @@ def main(args: Sequence[str] | None = None) -> None:
         else:
             COMMANDS[command](argv[1:])
         end_process_group()
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, argparse.ArgumentError) as err:
         print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     except SystemExit as exc:

@@ -261,6 +261,9 @@ def _build_open_clip(
     state = read_state_dict(weights) if weights is not None and not big_vision else None  # safe, before building
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
     fetch = weights is None and checkpoint is None
+    from spar_pl.offline import check_hub
+
+    check_hub(name, pretrained if fetch else None)  # offline: one line at once, not a minute of retries
     try:
         with _without_open_clip_random_notice():  # build_encoder says it once, or loads weights next
             model = open_clip.create_model(

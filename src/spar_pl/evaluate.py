@@ -10,9 +10,11 @@ appends its numbers to ``results/<name>.json`` (:class:`~spar_pl.callbacks.Resul
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -24,6 +26,26 @@ from spar_pl.encoders import build_encoder
 from spar_pl.families import get_family
 from spar_pl.openvocab import OpenVocabHead, parse_classes
 from spar_pl.sliding import SEGMENT_MODES, check_window, resolve_mode
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_record(path: str | Path) -> dict:
+    """``{"path": absolute path, "sha256": hex digest}`` of a weight file (a hub id or a missing file: no digest).
+    Digests are kept per (path, size, modification time) for the life of the process: a table hashes each
+    checkpoint once."""
+    file = Path(path)
+    if not file.is_file():
+        return {"path": str(path), "sha256": None}
+    stat = file.stat()
+    key = (str(file.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with file.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return {"path": key[0], "sha256": _SHA256[key]}
 
 
 class SegEvalModule(L.LightningModule):
@@ -50,7 +72,7 @@ class SegEvalModule(L.LightningModule):
         prob_thd: pixels whose best score is below this become class 0.
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
-        results_name: results file stem (default: the backbone).
+        results_name: results file stem (default: the backbone, with ``-test`` unless ``table``).
         dense: the open_clip ViT CLIP family's last-block dense recipe (``maskclip``, ``sclip``, ``clearclip``,
             ``naclip``; :mod:`spar_pl.recipes`); ``None``: the model's own. Results then go to
             ``<backbone>-<dense>.json`` unless ``results_name`` is set.
@@ -58,6 +80,7 @@ class SegEvalModule(L.LightningModule):
             0: none.
         pamr_dilations: PAMR's dilations (NACLIP's: 8 and 16).
         row_label: the table row of this run (default: from mode, stride and checkpoint; :attr:`row`).
+        table: this run is a cell of ``spar-cli table`` (recorded in its results entry; the table sets it).
     """
 
     def __init__(
@@ -82,6 +105,7 @@ class SegEvalModule(L.LightningModule):
         pamr_steps: int = 0,
         pamr_dilations: tuple[int, ...] = (8, 16),
         row_label: str | None = None,
+        table: bool = False,
     ) -> None:
         super().__init__()
         #: the evaluation mode, ``sliding`` resolved to ``sliding-logits``
@@ -118,6 +142,8 @@ class SegEvalModule(L.LightningModule):
         )
         #: totals over every rank's test images (the metrics synchronise when computed)
         self.seconds, self.images, self.pixels = (SumMetric().set_dtype(torch.float64) for _ in range(3))
+        #: the config files of the run (``spar-cli`` sets them; recorded in the results entry)
+        self.config_files: list[str] = []
 
     @property
     def row(self) -> str:
@@ -208,10 +234,26 @@ class SegEvalModule(L.LightningModule):
             | {"mode": self.mode, "crop": (hp.crop or self.encoder.default_crop) if self.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(self.provenance() if self.trainer.is_global_zero else {}),
+        }
+
+    def provenance(self) -> dict:
+        """Where this run's numbers come from: the weight files (path and SHA-256), the data root, the config files
+        and the command (``spar-cli table`` or an ad-hoc ``spar-cli test``)."""
+        hp = self.hparams
+        datamodule = getattr(self.trainer, "datamodule", None)
+        root = getattr(getattr(datamodule, "data", None), "root", None)
+        files = {k: file_record(hp[k]) for k in ("checkpoint", "weights", "head_weights") if hp[k]}
+        return {
+            "source": "spar-cli table" if hp.table else "spar-cli test",
+            "files": files,
+            "data_root": str(Path(root).absolute()) if root is not None else None,
+            "config_files": [str(Path(f).absolute()) for f in self.config_files],
         }
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
         hp = self.hparams
         default = self.encoder.backbone if hp.dense is None else f"{self.encoder.backbone}-{hp.dense}"
+        default += "" if hp.table else "-test"  # a table's cells come only from the table's own runs
         return [ResultsFile(hp.results_dir, hp.results_name or default)] if hp.results_dir else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +20,52 @@ def palette(num_classes: int, seed: int = 0) -> np.ndarray:
     return np.asarray(Image.fromarray(hsv[None], mode="HSV").convert("RGB"))[0]
 
 
-def legend_font(image_size: tuple[int, int]) -> ImageFont.ImageFont:
-    """A font whose height follows the image: about 1/40 of the shorter side, 9 to 64 px."""
-    size = int(min(64, max(9, round(min(image_size) / 40))))
+@functools.lru_cache(maxsize=1)
+def font_file() -> tuple[str | None, frozenset[int]]:
+    """matplotlib's DejaVu Sans (Latin, Greek, Cyrillic, many symbols) and the code points it covers; ``(None,
+    empty)`` where it cannot be found (Pillow's own font is used then)."""
     try:
-        return ImageFont.load_default(size=size)
+        import matplotlib
+        from fontTools.ttLib import TTFont
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        with TTFont(str(path), lazy=True) as font:
+            return str(path), frozenset(font.getBestCmap())
+    except (ImportError, OSError):
+        return None, frozenset()
+
+
+def legend_font(image_size: tuple[int, int]) -> ImageFont.ImageFont:
+    """A font whose height follows the image: about 1/40 of the shorter side, 9 to 64 px (DejaVu Sans)."""
+    size = int(min(64, max(9, round(min(image_size) / 40))))
+    path, _ = font_file()
+    try:
+        return ImageFont.truetype(path, size) if path else ImageFont.load_default(size=size)
     except (OSError, TypeError):  # Pillow built without FreeType: the fixed bitmap font
         return ImageFont.load_default()
+
+
+def drawable(text: str) -> str:
+    """``text`` with each character the legend font cannot draw (CJK, emoji, ... outside DejaVu Sans) written as its
+    code point, ``<U+732B>``: readable and unambiguous instead of a row of boxes."""
+    path, covered = font_file()
+    if path is None:
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if ord(c) in covered or c.isspace() else f"<U+{ord(c):04X}>" for c in text)
+
+
+def ellipsise(text: str, width: float, measure) -> str:
+    """``text`` cut at the end with "…" so that ``measure(text) <= width`` (at least the first character)."""
+    if measure(text) <= width:
+        return text
+    lo, hi = 1, len(text)
+    while lo < hi:  # the longest prefix that fits with the ellipsis
+        mid = (lo + hi + 1) // 2
+        if measure(text[:mid].rstrip() + "…") <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "…"
 
 
 def legend_corner(mask: np.ndarray, box: tuple[int, int]) -> tuple[int, int]:
@@ -43,23 +83,32 @@ def legend_corner(mask: np.ndarray, box: tuple[int, int]) -> tuple[int, int]:
 
 
 def overlay(
-    image: Image.Image, mask: np.ndarray, class_names: Sequence[str], alpha: float = 0.55, max_area: float = 0.25
+    image: Image.Image,
+    mask: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.55,
+    max_area: float = 0.25,
+    grey: bool = True,
 ) -> Image.Image:
     """Blend a colour-coded mask over an RGB image and add a legend of the classes present.
 
-    The legend's text scales with the image (readable on a 2000 px image, small on a 160 px one), it is drawn in
-    the corner where it hides least (:func:`legend_corner`), and it covers at most ``max_area`` of the image:
-    classes that do not fit are summarised as "+N more" (largest areas are listed first).
+    The mask colours are blended over a grey version of the image (``grey``), so the image's own colours never read
+    as classes. The legend's text (DejaVu Sans: Latin, Greek, Cyrillic; other characters as ``<U+XXXX>``) scales
+    with the image, sits in the corner where it hides least (:func:`legend_corner`) and covers at most ``max_area``
+    of the image beyond its first line: long names end in "…", classes that do not fit are summarised as "+N more"
+    (largest areas first). Only an image too small for one line of text gets no legend.
 
     Args:
         image: the RGB image, same size as ``mask``.
         mask: ``(H, W)`` integer class indices.
         class_names: a display name per class index.
         alpha: weight of the mask colour.
-        max_area: the largest fraction of the image the legend may cover.
+        max_area: the largest fraction of the image the legend may cover (its first line always shows).
+        grey: blend over the image's luminance instead of its colours.
     """
     colours = palette(len(class_names))
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    base = image.convert("L").convert("RGB") if grey else image.convert("RGB")
+    rgb = np.asarray(base, dtype=np.float32)
     blended = (1 - alpha) * rgb + alpha * colours[mask].astype(np.float32)
     out = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
     present, counts = np.unique(mask, return_counts=True)
@@ -71,20 +120,29 @@ def overlay(
     pad = max(2, line // 4)
     swatch = max(4, ascent - 1)
 
-    def box_for(rows: list[str]) -> tuple[int, int]:
-        text = max((int(draw.textlength(r, font=font)) for r in rows), default=0)
-        return pad * 3 + swatch + text, pad * 2 + line * len(rows)
+    def measure(text: str) -> float:
+        return draw.textlength(text, font=font)
 
-    rows = [str(class_names[k]) for k in order]
+    room = max(out.width // 2, out.width - pad * 3 - swatch) - pad * 3 - swatch  # text width of a row
+    rows = [ellipsise(drawable(str(class_names[k])), room, measure) for k in order]
+
+    def box_for(labels: list[str]) -> tuple[int, int]:
+        text = max((int(measure(r)) for r in labels), default=0)
+        return pad * 3 + swatch + text, pad * 2 + line * len(labels)
+
     shown = len(rows)
-    while shown > 0:
+    while True:
         labels = rows[:shown] + ([f"+{len(rows) - shown} more"] if shown < len(rows) else [])
         bw, bh = box_for(labels)
-        if bw * bh <= max_area * out.width * out.height and bw <= out.width and bh <= out.height:
+        fits = bw * bh <= max_area * out.width * out.height and bh <= out.height
+        if fits or shown == 1:
             break
         shown -= 1
-    if shown == 0:
-        return out  # the image is too small for any legend line
+    if shown == 1 and not fits:
+        labels = rows[:1]
+        bw, bh = box_for(labels)
+    if bh > out.height or bw > out.width:
+        return out  # the image is too small for one line of text
     x0, y0 = legend_corner(mask, (bw, bh))
     panel = Image.new("RGBA", (bw, bh), (0, 0, 0, 170))
     out.paste(panel, (x0, y0), panel)
@@ -114,4 +172,25 @@ def save_atomic(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    return path
+
+
+def panel_figure(panels: Sequence[tuple[str, Image.Image]], path: str | Path, title: str = "") -> Path:
+    """Pictures side by side with a title each (matplotlib), written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.4), layout="constrained", squeeze=False)
+    for ax, (name, picture) in zip(axes[0], panels):
+        ax.imshow(np.asarray(picture.convert("RGB")))
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
     return path

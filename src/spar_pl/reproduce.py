@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import statistics
 import time
 import warnings
@@ -211,7 +210,7 @@ def _trainer(max_steps: int, root: str | Path | None, progress: bool, callbacks=
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
-        max_epochs=-1,
+        max_epochs=1,  # one pass over the stream: max_steps batches
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -343,8 +342,10 @@ def run_seed(
     lr: float = 5e-4,
     log: Callable[[str], None] = print,
     dense: str | None = None,
+    students: dict | None = None,
 ) -> dict[str, float]:
     """One seed of the experiment: held-out scenes of that seed, preconditions, SPAR distillation, the three methods.
+    The distilled student is kept in ``students[seed]`` when ``students`` is given.
 
     Returns:
         mIoU (percent) and seconds per image of ``native``, ``single``, ``sliding`` and ``spar``, plus the
@@ -364,8 +365,10 @@ def run_seed(
         f"sliding window {r['sliding']:.1f}"
     )
     t0 = time.perf_counter()
-    module = distill(weights, seed, distill_steps, distill_batch, lr, dense=dense)
+    module = distill(weights, seed, distill_steps, distill_batch, lr, dense=dense, progress=True)
     r["distill_s"] = time.perf_counter() - t0
+    if students is not None:
+        students[seed] = module.student
     spar_head = OpenVocabHead.from_encoder(module.student, SHAPE_CLASSES)
     r["spar"], r["spar_s"] = evaluate(module.student, spar_head, high_x, high_y, normalize=module.student.normalize)
     log(f"seed {seed}: SPAR {r['spar']:.1f} after {distill_steps} distillation steps ({r['distill_s']:.0f}s)")
@@ -443,61 +446,53 @@ def render_markdown(runs: dict[int, dict[str, float]], settings: str, elapsed: f
 
 
 def draw_figure(runs: dict[int, dict[str, float]], path: str | Path) -> Path:
-    """A PNG: mIoU per method (bar = mean, whisker = ± std, dots = seeds) and its cost (s/img, log scale)."""
-    from PIL import Image, ImageDraw
+    """A PNG drawn with matplotlib: held-out mIoU per method (bar = mean, whisker = ± std, dots = seeds, dashed line =
+    the native-size precondition) beside its cost in seconds per image on a log axis."""
+    import matplotlib
 
-    from spar_pl.render import save_atomic
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    from spar_pl.fileio import atomic_path
 
     seeds = sorted(runs)
     keys = [k for k, _ in METHODS]
     labels = ["single pass", "sliding window", "SPAR"]
-    colours = [(200, 90, 80), (90, 120, 200), (70, 160, 90)]
-    w, h, pad = 760, 360, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    # left panel: mIoU 0..100
-    px0, px1, py0, py1 = pad, w // 2 - 20, 40, h - 50
-    d.text((px0, 10), "held-out mIoU at 256 px (mean, std, seeds)", fill="black")
-    top = max(max(runs[s][k] for s in seeds for k in keys), runs[seeds[0]]["native"]) * 1.15
-
-    def y_of(v: float, lo: float = 0.0, hi: float = top) -> float:
-        return py1 - (v - lo) / (hi - lo) * (py1 - py0)
-
-    d.line([(px0, py0), (px0, py1), (px1, py1)], fill="black")
-    for tick in range(0, int(top) + 1, 10):
-        d.line([(px0 - 4, y_of(tick)), (px0, y_of(tick))], fill="black")
-        d.text((px0 - 28, y_of(tick) - 6), f"{tick}", fill="black")
+    colours = ["#c85a50", "#5a78c8", "#46a05a"]
+    means, stds = zip(*(mean_spread([runs[s][k] for s in seeds]) for k in keys))
+    costs = [statistics.fmean(runs[s][f"{k}_s"] for s in seeds) for k in keys]
     native = mean_spread([runs[s]["native"] for s in seeds])[0]
-    d.line([(px0, y_of(native)), (px1, y_of(native))], fill=(150, 150, 150))
-    d.text((px0 + 4, y_of(native) - 13), f"native 64 px: {native:.1f}", fill=(110, 110, 110))
-    slot = (px1 - px0) / len(keys)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    x = range(len(keys))
+    left.bar(x, means, yerr=stds, capsize=5, color=colours)
     for i, key in enumerate(keys):
-        m, s = mean_spread([runs[k][key] for k in seeds])
-        x0, x1 = px0 + slot * i + 15, px0 + slot * (i + 1) - 15
-        d.rectangle([x0, y_of(m), x1, py1], fill=colours[i])
-        xc = (x0 + x1) / 2
-        d.line([(xc, y_of(m - s)), (xc, y_of(m + s))], fill="black", width=2)
-        for v in (runs[k][key] for k in seeds):
-            d.ellipse([xc + 8 - 2, y_of(v) - 2, xc + 8 + 2, y_of(v) + 2], fill="black")
-        d.text((x0, py1 + 6), labels[i], fill="black")
-        d.text((x0, y_of(m + s) - 14), f"{m:.1f}", fill="black")
-    # right panel: s/img, log scale
-    qx0, qx1 = w // 2 + 40, w - 20
-    d.text((qx0, 10), "cost: seconds per image (log scale)", fill="black")
-    costs = [statistics.fmean(runs[k][f"{key}_s"] for k in seeds) for key in keys]
-    lo, hi = math.log10(min(costs)) - 0.5, math.log10(max(costs)) + 0.3
-    d.line([(qx0, py0), (qx0, py1), (qx1, py1)], fill="black")
-    for e in range(math.ceil(lo), math.floor(hi) + 1):
-        d.line([(qx0 - 4, y_of(e, lo, hi)), (qx0, y_of(e, lo, hi))], fill="black")
-        d.text((qx0 - 38, y_of(e, lo, hi) - 6), f"1e{e}", fill="black")
-    slot = (qx1 - qx0) / len(keys)
-    for i, c in enumerate(costs):
-        x0, x1 = qx0 + slot * i + 15, qx0 + slot * (i + 1) - 15
-        d.rectangle([x0, y_of(math.log10(c), lo, hi), x1, py1], fill=colours[i])
-        d.text((x0, y_of(math.log10(c), lo, hi) - 14), f"{c:.4f}", fill="black")
-        d.text((x0, py1 + 6), labels[i], fill="black")
-    d.text((pad, h - 22), f"{len(seeds)} seeds; tiny ViT patch 8, native 64 px; CPU", fill=(80, 80, 80))
-    return save_atomic(img, path)
+        left.scatter([i + 0.18] * len(seeds), [runs[s][key] for s in seeds], color="black", s=12, zorder=3)
+        left.annotate(
+            f"{means[i]:.1f}",
+            (i, means[i] + stds[i]),
+            ha="center",
+            va="bottom",
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
+    left.axhline(native, color="grey", linestyle="--", linewidth=1)
+    left.annotate(f"native {NATIVE} px: {native:.1f}", (-0.4, native), va="bottom", color="dimgrey", fontsize=9)
+    left.set(xticks=list(x), xticklabels=labels, ylabel="mIoU (%)", ylim=(0, max(native, *means) * 1.25))
+    left.set_title(f"held-out mIoU at {HIGH_RES} px (mean ± std)")
+    right.bar(x, costs, color=colours)
+    right.set_yscale("log")
+    for i, cost in enumerate(costs):
+        right.annotate(f"{cost:.4f}", (i, cost), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+    right.set(xticks=list(x), xticklabels=labels, ylabel="seconds per image (log scale)")
+    right.set_ylim(min(costs) / 3, max(costs) * 3)
+    right.set_title("cost")
+    n = len(seeds)
+    fig.suptitle(f"SPAR on a CPU: {n} seed{'s' if n != 1 else ''}; tiny ViT patch 8, native {NATIVE} px", fontsize=11)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
 
 
 def reproduce_tiny(
@@ -511,6 +506,7 @@ def reproduce_tiny(
     threads: int | None = 2,
     log: Callable[[str], None] = print,
     dense: str | None = None,
+    students: dict | None = None,
 ) -> dict[int, dict[str, float]]:
     """The whole experiment over ``seeds``; prints the table, writes ``reproduce-tiny.md`` and ``reproduce-tiny.png``.
 
@@ -526,6 +522,7 @@ def reproduce_tiny(
         log: where progress lines go.
         dense: the last block's recipe (:mod:`spar_pl.recipes`) of the model, its teacher and SPAR's student; the
             files are then ``reproduce-tiny-<dense>.md`` and ``.png``.
+        students: when given, receives each seed's distilled student (``students[seed]``).
     """
     from spar_pl.fileio import write_text
 
@@ -533,7 +530,10 @@ def reproduce_tiny(
         torch.set_num_threads(threads)
     weights = Path(weights) if weights else shipped_weights()
     t0 = time.perf_counter()
-    runs = {s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log, dense) for s in seeds}
+    runs = {
+        s: run_seed(weights, s, eval_images, distill_steps, distill_batch, lr, log=log, dense=dense, students=students)
+        for s in seeds
+    }
     elapsed = time.perf_counter() - t0
     settings = (
         f"Model `{TINY_MODEL}` (MaskCLIP-style open_clip ViT, patch 8, 4 blocks, width 128, native 64 px) with "

@@ -45,6 +45,38 @@ def packaged_configs() -> list[str]:
     )
 
 
+def _inline(value: object, folder: Path) -> object:
+    """``value`` with every string naming a YAML file (relative to ``folder``) replaced by that file's content."""
+    import yaml
+
+    if isinstance(value, dict):
+        return {k: _inline(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inline(v, folder) for v in value]
+    if isinstance(value, str) and value.endswith((".yaml", ".yml")) and (folder / value).is_file():
+        path = (folder / value).resolve()
+        return _inline(yaml.safe_load(path.read_text(encoding="utf-8")), path.parent)
+    return value
+
+
+def self_contained_config(path: str | Path) -> str:
+    """The YAML text of config ``path`` with the fragments it reads by relative path
+    (``data: ../fragments/data-tiny.yaml``) written in place: a file that parses from any folder. The config's
+    leading comment block is kept."""
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    body = yaml.safe_dump(_inline(yaml.safe_load(text), path.parent), sort_keys=False, allow_unicode=True)
+    note = f"# Written by spar-cli config from {path.parent.name}/{path.name}, its fragments written in place."
+    return "\n".join([*header, note, body])
+
+
 def resolve_configs(args: Sequence[str]) -> list[str]:
     """``args`` with each ``--config configs/...`` (or ``-c``) that does not exist in the current folder replaced by
     the packaged file of that name (a wheel install has no ``configs/`` folder), said in one line on stderr."""
@@ -170,7 +202,10 @@ def continue_last_run(trainer, configured: dict | None) -> Path | None:
         return None
     newest = max(found, key=lambda p: p.stat().st_mtime)
     arguments = configured or {"save_dir": logger.save_dir, "name": logger.name}
-    trainer.logger = type(logger)(**{**arguments, "version": newest.parents[1].name})
+    folder = newest.parents[1].name
+    number = folder.removeprefix("version_")
+    # version_N as the number N: the progress bar shows an int version as it is, a string by its last 4 characters
+    trainer.logger = type(logger)(**{**arguments, "version": int(number) if number.isdigit() else folder})
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     metrics = Path(trainer.logger.log_dir) / "metrics.csv"
@@ -178,6 +213,69 @@ def continue_last_run(trainer, configured: dict | None) -> Path | None:
         # the CSV logger replaces a run folder's metrics.csv when it opens it: log the run's history again
         trainer.callbacks.append(MetricsHistory(metrics.read_text(encoding="utf-8"), trainer.logger))
     return newest
+
+
+#: ``--ckpt_path`` values Lightning resolves itself (not files).
+_CKPT_NAMES = ("last", "best", "hpc", "registry", "null", "None")
+
+
+def check_ckpt_path(args: Sequence[str]) -> None:
+    """Check a ``--ckpt_path FILE`` argument before any work: a missing file, or one that is neither a PyTorch nor a
+    safetensors file, raises ``FileNotFoundError``/``ValueError`` naming it (Lightning reads it first to find its
+    hyperparameters, and then fails with a traceback)."""
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        if key != "--ckpt_path" or (not sep and i + 1 >= len(args)):
+            continue
+        value = value if sep else args[i + 1]
+        if value in _CKPT_NAMES or value.startswith("registry:"):
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint (--ckpt_path) not found: {path}")
+        check_lightning_checkpoint(path)
+
+
+def check_lightning_checkpoint(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless it is a Lightning checkpoint PyTorch reads with
+    ``weights_only=True`` (what Lightning does when it resumes)."""
+    import torch
+
+    from spar_pl.weights import CheckpointError, sniff_format
+
+    kind = sniff_format(path)  # not a checkpoint at all: raises naming it
+    if kind == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file: --ckpt_path resumes a Lightning .ckpt (spar-cli fit's)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except Exception as err:  # damaged files and unsafe pickles raise many kinds
+        reason = str(err).strip().split("\n", 1)[0][:200]
+        raise CheckpointError(f"cannot resume from {path}: {type(err).__name__}: {reason}") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "pytorch-lightning_version" not in obj:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict and version): --ckpt_path needs one"
+        )
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Parse each ``--config FILE`` as YAML before any work: a file that is not valid YAML raises ``ValueError``
+    naming it and the line (jsonargparse's own message names neither)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        key, sep, value = arg.partition("=")
+        if key not in ("--config", "-c") or (not sep and i + 1 >= len(args)):
+            continue
+        path = Path(value if sep else args[i + 1])
+        if not path.is_file():
+            continue  # jsonargparse names a missing file
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"config {path} is not valid YAML{where}: {problem}") from None
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
@@ -208,8 +306,16 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def before_validate(self) -> None:
             check_output_folders(self.trainer, self.model)
 
-        before_test = before_predict = before_validate
+        def before_test(self) -> None:
+            check_output_folders(self.trainer, self.model)
+            if hasattr(self.model, "config_files"):  # recorded in the results entry (spar_pl.evaluate)
+                self.model.config_files = [os.fspath(str(p)) for p in self.config[self.subcommand].get("config") or []]
 
+        before_predict = before_validate
+
+    check_config_files(args if args is not None else argv)
+    check_ckpt_path(argv)
+    subcommands = ("fit", "validate", "test", "predict")
     return SparCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -220,6 +326,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         # a training run records its config beside its logs; test/validate/predict runs write no config.yaml
         save_config_callback=SaveConfigCallback if argv[:1] == ["fit"] else None,
         auto_configure_optimizers=False,
+        # a parsing error raises (spar-cli prints it in one line) instead of printing the whole usage
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in subcommands}},
         run=run,
     )
 

@@ -7,6 +7,7 @@ this process through :func:`spar_pl.runner.run_lightning` (each appends to ``res
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def render_table(
 ) -> str:
     """The paper's table (rows x six benchmarks + mean + seconds per image) from a results file.
 
-    The newest entry of each (row, dataset) counts; a missing cell is ``-`` and the mean is then omitted.
+    The newest entry of each (row, dataset) counts; a missing cell is ``-`` and the mean is then omitted. The
+    ``sources`` column numbers the footnotes that say where each cell came from (:func:`cell_source`).
     ``order``: the rows first shown, in order (others follow, sorted); ``published``: rows of published numbers
     (label, mIoU per column of :data:`TABLE_COLUMNS`) printed after the measured ones.
     """
@@ -81,22 +83,44 @@ def render_table(
     for e in entries:
         cells[(e["row"], e["dataset"])] = e
     rows = [r for r in order if any(k[0] == r for k in cells)] + sorted({k[0] for k in cells} - set(order))
-    header = ["inference", *TABLE_COLUMNS.values(), "mean", "s/img"]
+    header = ["inference", *TABLE_COLUMNS.values(), "mean", "s/img", "sources"]
     lines = [f"## {title or Path(results).stem}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes: list[str] = []
     for row in rows:
         values = [cells.get((row, d), {}).get("mIoU") for d in TABLE_COLUMNS]
         secs = [cells[(row, d)]["seconds_per_image"] for d in TABLE_COLUMNS if (row, d) in cells]
         mean = sum(values) / len(values) if all(v is not None for v in values) else None
         shown = ["-" if v is None else f"{v:.1f}" for v in (*values, mean)]
         s_img = f"{sum(secs) / len(secs):.3f}" if secs else "-"
-        lines.append("| " + " | ".join([row, *shown, s_img]) + " |")
+        marks = []
+        for dataset, column in TABLE_COLUMNS.items():
+            if (row, dataset) in cells:
+                notes.append(f"{len(notes) + 1}. {row}, {column}: {cell_source(cells[(row, dataset)])}")
+                marks.append(str(len(notes)))
+        lines.append("| " + " | ".join([row, *shown, s_img, ",".join(marks) or "-"]) + " |")
     for label, numbers in published or []:
         shown = [f"{v:.1f}" for v in (*numbers, sum(numbers) / len(numbers))]
-        lines.append("| " + " | ".join([label, *shown, "-"]) + " |")
+        lines.append("| " + " | ".join([label, *shown, "-", "published"]) + " |")
+    if notes:
+        lines += ["", f"Sources (the newest entry of each cell in {Path(results).name}):", "", *notes]
     text = "\n".join(lines) + "\n"
     if out is not None:
         write_text(out, text)
     return text
+
+
+def cell_source(entry: dict) -> str:
+    """One line saying where a table cell came from: the command, weight files (name and SHA-256 prefix), data root,
+    config files and time of its results entry."""
+    if "source" not in entry:
+        return f"no provenance recorded (entry of {entry.get('time', 'unknown time')})"
+    files = [
+        f"{kind} {Path(f['path']).name}" + (f" (sha256 {f['sha256'][:12]})" if f.get("sha256") else "")
+        for kind, f in entry.get("files", {}).items()
+    ]
+    configs = " + ".join(Path(c).name for c in entry.get("config_files", [])) or "no config file"
+    parts = [entry["source"], *files, f"data {entry.get('data_root')}", f"config {configs}", entry.get("time", "")]
+    return "; ".join(p for p in parts if p)
 
 
 def table_runs(
@@ -117,7 +141,7 @@ def table_runs(
     runs = []
     for dataset in TABLE_COLUMNS:
         eval_cfg = config_path(f"eval/{EVAL_CONFIGS.get(backbone, {}).get(dataset, dataset)}.yaml")
-        args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg)]
+        args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg), *table_cell(backbone)]
         if roots is not None:
             args += ["--data.init_args.root", str(roots[dataset])]
         runs.append((dataset, ROWS[0], args))
@@ -127,6 +151,12 @@ def table_runs(
         if checkpoint:
             runs.append((dataset, ROWS[2], [*args, "--model.init_args.checkpoint", str(checkpoint)]))
     return runs
+
+
+def table_cell(backbone: str) -> list[str]:
+    """The arguments that make a ``spar-cli test`` run a cell of ``backbone``'s table: its results go to
+    ``<backbone>.json``, marked as the table's (ad-hoc runs go to ``<backbone>-test.json``)."""
+    return ["--model.init_args.results_name", backbone, "--model.init_args.table", "true"]
 
 
 def recipe_table_runs(
@@ -148,7 +178,7 @@ def recipe_table_runs(
     runs = []
     for dataset in TABLE_COLUMNS:
         eval_cfg = config_path(f"eval/{dataset}-{recipe}.yaml")
-        args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg)]
+        args = ["test", "--config", str(eval_cfg), "--config", str(backbone_cfg), *table_cell(backbone)]
         if backbone.endswith("-tiny"):
             cfg = yaml.safe_load(Path(eval_cfg).read_text())
             model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
@@ -178,10 +208,16 @@ def table_rows(backbone: str) -> tuple[tuple[str, ...], list | None]:
 def run_table(backbone: str, checkpoint: str | None, results_dir: str = "results", roots=None, extra=()) -> str:
     """Run the 18 evaluations of one backbone in this process and render ``results/<backbone>.md``."""
     runs = table_runs(backbone, checkpoint, roots)
-    for k, (dataset, row, args) in enumerate(runs, 1):
-        print(f"[{k}/{len(runs)}] {dataset}: {row}", flush=True)
-        quiet = ["--trainer.enable_progress_bar", "false", "--verbose", "false"]  # the table is the summary
-        run_lightning([*args, "--model.init_args.results_dir", results_dir, *quiet, *extra])
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0": said by the first run only
+    level = seed_log.level
+    try:
+        for k, (dataset, row, args) in enumerate(runs, 1):
+            print(f"[{k}/{len(runs)}] {dataset}: {row}", flush=True)
+            quiet = ["--trainer.enable_progress_bar", "false", "--verbose", "false"]  # the table is the summary
+            run_lightning([*args, "--model.init_args.results_dir", results_dir, *quiet, *extra])
+            seed_log.setLevel(logging.WARNING)
+    finally:
+        seed_log.setLevel(level)
     results = Path(results_dir) / f"{backbone}.json"
     table = render_table(results, Path(results_dir) / f"{backbone}.md", f"{backbone}: mIoU (%)", *table_rows(backbone))
     print(table)
@@ -207,7 +243,7 @@ def table_command(argv=None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny model and generated benchmarks (CPU, offline)")
     args = parser.parse_args(argv)
     if args.render_only:
-        results, name = Path(args.results), args.backbone
+        results, name = Path(args.results), tiny_twin(args.backbone)[0] if args.tiny else args.backbone
         table = render_table(results / f"{name}.json", results / f"{name}.md", None, *table_rows(name))
         print(table)
         return table
@@ -257,4 +293,10 @@ def table_tiny(results: Path, name: str = "tiny", overrides: Sequence[str] = ())
     fit += ["--trainer.default_root_dir", str(work / "distill"), "--trainer.enable_progress_bar", "false"]
     run_lightning([*fit, *overrides])
     checkpoint = max((work / "distill").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return run_table(name, str(checkpoint), str(results), roots, overrides)
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # the distillation said "Seed set to 0"
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        return run_table(name, str(checkpoint), str(results), roots, overrides)
+    finally:
+        seed_log.setLevel(level)
