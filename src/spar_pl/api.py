@@ -242,7 +242,7 @@ class SPAR:
         sliding window), its window checked (:func:`~spar_pl.sliding.check_window`). Raises ``ValueError``."""
         mode = resolve_mode(mode, tuple(modes))
         if mode != "single":
-            check_window(int(crop or self.encoder.native_size), stride, self.encoder.patch_size)
+            check_window(int(crop or self.encoder.default_crop), stride, self.encoder.patch_size)
         return mode
 
     def features(

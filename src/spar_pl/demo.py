@@ -69,13 +69,12 @@ def parse_class_text(text: str) -> list[str]:
     Raises:
         ValueError: fewer than two classes, an empty synonym or a duplicate name (the message says which).
     """
-    from spar_pl.api import class_entries, segmentation_classes
+    from spar_pl.openvocab import parse_classes
 
     lines = [line for line in (text or "").splitlines() if line.strip()]
     if len(lines) < 2:
         raise ValueError("segmentation needs at least two classes: type one class a line (commas list synonyms)")
-    entries = class_entries(lines, option="classes")
-    return [", ".join(names) for names in segmentation_classes(entries)]
+    return [", ".join(names) for names in parse_classes(lines, 2, option="classes")]
 
 
 def segment_request(

@@ -354,7 +354,7 @@ def export_hub_dir(
             "hub_id": _base_model_id(model_name, pretrained),
         },
         "teacher": {
-            "crop": hp.get("crop") or encoder.native_size,
+            "crop": hp.get("crop") or encoder.default_crop,
             "stride": hp.get("stride", 24),
             "window_batch": hp.get("window_batch"),
         },
