@@ -197,7 +197,8 @@ def test_interrupted_mid_epoch_resumes_without_replay_or_skip(images, tmp_path, 
     epoch_a = [float(r["train/loss_epoch"]) for r in rows_a if "train/loss_epoch" in r]
     epoch_b = [float(r["train/loss_epoch"]) for r in rows_b if "train/loss_epoch" in r]
     assert len(epoch_a) == len(epoch_b) == 2
-    assert epoch_b == epoch_a, (epoch_a, epoch_b)
+    # bitwise in one process; the killed run's own process may round its float32 losses in another order
+    assert epoch_b == (pytest.approx(epoch_a, rel=1e-6, abs=0) if kill else epoch_a), (epoch_a, epoch_b)
     logged_a, logged_b = (
         [(int(r["step"]), k) for r in rows for k in r if k not in ("step", "epoch")] for rows in (rows_a, rows_b)
     )
