@@ -47,15 +47,20 @@ def test_quickstart_default_segments_with_the_shipped_model(tmp_path, capsys):
 
 def test_quickstart_picture_shows_each_method_with_its_miou_and_time(tmp_path):
     """The picture: image, ground truth and one panel per method, each scored on this image."""
-    from spar_pl.cli import shape_scene, side_by_side
-    from spar_pl.scenes import make_scenes
+    from spar_pl.cli import side_by_side
+    from spar_pl.scenes import make_scenes, scene_image
 
     truth = make_scenes(1, 256, 0, "quickstart")[1][0].numpy()
     masks = {"single": np.zeros_like(truth), "sliding": truth.copy(), "spar": truth.copy()}
     masks["spar"][:128] = 0
     seconds = {"single": 0.1, "sliding": 1.0, "spar": 0.1}
     scores = side_by_side(
-        shape_scene(0), truth, masks, seconds, ["background", "circle", "ring", "cross"], tmp_path / "q.png"
+        scene_image(256, 256, 0, "quickstart"),
+        truth,
+        masks,
+        seconds,
+        ["background", "circle", "ring", "cross"],
+        tmp_path / "q.png",
     )
     assert scores["sliding"] == pytest.approx(100.0) and scores["single"] < scores["spar"] < 100.0
     assert Image.open(tmp_path / "q.png").size == (1450, 340)
@@ -163,12 +168,12 @@ def test_offline_hub_lookup_fails_at_once_in_one_line(tmp_path, monkeypatch, cap
     from huggingface_hub import constants
 
     from spar_pl import offline
-    from spar_pl.cli import shape_scene
+    from spar_pl.scenes import scene_image
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     offline.hub_unreachable.cache_clear()
-    shape_scene().save(tmp_path / "scene.png")
+    scene_image(256, 256).save(tmp_path / "scene.png")
     with pytest.raises(SystemExit) as exc:
         main(["segment", str(tmp_path / "scene.png"), "--classes", "a", "b", "--out", str(tmp_path / "o")])
     offline.hub_unreachable.cache_clear()
