@@ -249,5 +249,5 @@ def test_a_resumed_run_shows_its_version_number(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     trainer = L.Trainer(logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False)
-    assert continue_last_run(trainer) == checkpoints / "last.ckpt"
+    assert continue_last_run(trainer, {"save_dir": str(tmp_path)}) == checkpoints / "last.ckpt"
     assert trainer.logger.version == 0 and trainer.logger.log_dir == str(tmp_path / "lightning_logs" / "version_0")

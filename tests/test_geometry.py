@@ -12,7 +12,7 @@ from torch import nn
 from spar_pl.data import DistillDataModule
 from spar_pl.distill import DistillModule
 from spar_pl.encoders import build_encoder
-from spar_pl.sliding import SlidingWindowTeacher, default_crop, sliding_window
+from spar_pl.sliding import FEATURE_MODES, SlidingWindowTeacher, default_crop, sliding_window
 from spar_pl.testing import TINY_GEOMETRIES, naive_teacher
 
 PATCH_MODELS = sorted(TINY_GEOMETRIES)
@@ -134,7 +134,7 @@ def test_inference_and_evaluation_take_the_model_s_crop():
     image = torch.rand(3, 100, 130)
     feats = model.features(image, mode="sliding")
     assert feats.shape[-2:] == (100 // 14, 130 // 14)
-    with pytest.raises(ValueError, match="multiple of the 14px patch, got 64"):
-        model.check_mode("sliding", 24, ("single", "sliding"), 64)
+    with pytest.raises(ValueError, match="crop 64 is not a multiple of the patch size 14"):
+        model.check_mode("sliding", 24, FEATURE_MODES, 64)
     module = SegEvalModule(model_name="spar-tiny-sl2-p14", mode="sliding", results_dir=None)
     assert module.encoder.default_crop == 56 and module.encoder.backbone == "siglip"

@@ -155,7 +155,7 @@ def test_hf_hub_id_without_a_cached_copy_offline_names_the_model(tmp_path, monke
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="spar-test/absent"):
+    with pytest.raises(OSError, match="spar-test/absent.*HF_HUB_OFFLINE"):
         spar_pl.load("hf-hub:spar-test/absent", device="cpu")
 
 
