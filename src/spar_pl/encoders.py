@@ -261,6 +261,11 @@ def _build_open_clip(
     state = read_state_dict(weights) if weights is not None and not big_vision else None  # safe, before building
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
     fetch = weights is None and checkpoint is None
+    if not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(name) is None:
+        raise ValueError(f"open_clip has no model {name!r}; spar-cli models lists the models each family takes")
+    if fetch and pretrained and not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(name, pretrained):
+        known = _tags_hint(name) or "; it has none (--pretrained none: random weights)"
+        raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for model {name!r}{known}")
     from spar_pl.offline import check_hub
 
     check_hub(name, pretrained if fetch else None)  # offline: one line at once, not a minute of retries
