@@ -155,7 +155,7 @@ def test_hf_hub_id_without_a_cached_copy_offline_names_the_model(tmp_path, monke
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="spar-test/absent"):
+    with pytest.raises(OSError, match="spar-test/absent is needed from the Hugging Face Hub and is not cached"):
         spar_pl.load("hf-hub:spar-test/absent", device="cpu")
 
 
@@ -190,6 +190,52 @@ def test_export_refuses_a_folder_with_files_before_work_and_force_replaces_it(fi
     main(["export", str(fit_ckpt), "--hub-dir", str(out), "--force"])
     assert (out / "open_clip_model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no temporary or old folder left
+
+
+def test_export_never_replaces_the_current_folder_or_one_holding_its_inputs(fit_ckpt, tmp_path, capsys, monkeypatch):
+    """``--force`` replaces a folder of files, but not the folder the command runs in (or one above it), nor one
+    holding the checkpoint or a results file: that would delete them."""
+    inside = tmp_path / "work"
+    inside.mkdir()
+    ckpt = inside / "last.ckpt"
+    ckpt.write_bytes(fit_ckpt.read_bytes())
+    monkeypatch.chdir(inside)
+    for out, message in ((".", "holds the current folder"), (str(tmp_path), "holds the current folder")):
+        with pytest.raises(SystemExit) as exc:
+            main(["export", str(ckpt), "--hub-dir", out, "--force"])
+        assert exc.value.code == 1 and message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(ckpt), "--hub-dir", str(inside), "--force"])
+    assert exc.value.code == 1 and "an input of the export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and [p.name for p in inside.iterdir()] == [
+        "last.ckpt"
+    ]
+
+
+def test_a_damaged_export_folder_is_one_line_naming_the_file(exported, tmp_path, capsys):
+    import shutil
+
+    for name, damage, message in (
+        ("nomean", lambda c: c.pop("mean"), "mean must be a list of 3 numbers"),
+        ("recipe", lambda c: c.update(dense="bogus"), "unknown dense recipe 'bogus'"),
+        ("noweights", None, "weights file not found"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(exported, folder)
+        if damage is None:
+            (folder / "open_clip_model.safetensors").unlink()
+        else:
+            config = json.loads((folder / "spar_pl_config.json").read_text())
+            damage(config)
+            (folder / "spar_pl_config.json").write_text(json.dumps(config))
+        argv = ["features", str(tmp_path / "absent.png"), "--model-name", f"local-dir:{folder}"]
+        argv += ["--out", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and message in err and str(folder) in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

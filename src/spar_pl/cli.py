@@ -289,29 +289,32 @@ def export(argv: Sequence[str] | None = None) -> Path:
         hubs.check_repo_id(args.push_to_hub)
         token = hubs.hub_token()
     if args.hub_dir is not None:
-        hubs.check_out_dir(args.hub_dir, args.force)
+        hubs.check_out_dir(args.hub_dir, args.force, [args.checkpoint, *args.results])
         check_writable(Path(args.hub_dir).absolute().parent, "parent folder of --hub-dir")
     out = None
     if args.out is not None:
         out = _export_weights(Path(args.checkpoint), args.out)
     if not to_hub:
         return out
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = hubs.export_hub_dir(
-            args.checkpoint,
-            args.hub_dir or Path(scratch) / "model",
-            backbone=args.backbone,
-            model_name=args.model_name,
-            results=args.results,
-            license_id=args.license,
-            repo_id=args.push_to_hub,
-            force=args.force,
-        )
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        print(f"wrote {folder}: {', '.join(files)}")
-        if args.push_to_hub is not None:
-            url = hubs.push_hub_dir(folder, args.push_to_hub, token, args.private)
-            print(f"uploaded to {url}")
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = hubs.export_hub_dir(
+                args.checkpoint,
+                args.hub_dir or Path(scratch) / "model",
+                backbone=args.backbone,
+                model_name=args.model_name,
+                results=args.results,
+                license_id=args.license,
+                repo_id=args.push_to_hub,
+                force=args.force,
+            )
+            files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            print(f"wrote {folder}: {', '.join(files)}")
+            if args.push_to_hub is not None:
+                url = hubs.push_hub_dir(folder, args.push_to_hub, token, args.private)
+                print(f"uploaded to {url}")
+    except (OSError, RuntimeError) as err:  # a model that needs the network, a failed upload, a full disk
+        raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli export: error: ..."
     return Path(args.hub_dir) if args.hub_dir else Path(args.push_to_hub)
 
 

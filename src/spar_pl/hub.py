@@ -115,16 +115,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """The output folder of an export, refused when it exists and is not an empty folder (unless ``force``).
+def check_out_dir(out_dir: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """The output folder of an export, refused when it exists and is not an empty folder (unless ``force``), and
+    always when it holds the current folder or one of the export's ``inputs`` (``force`` would delete them).
 
     Raises:
-        ValueError: ``out_dir`` is a file, or a folder with files and ``force`` is off.
+        ValueError: ``out_dir`` is a file, a folder with files and ``force`` is off, the current folder or one above
+            it, or a folder holding an input file.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--hub-dir {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir():
+        return out
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ValueError(f"--hub-dir {out} holds the current folder; write the export to a folder of its own")
+    for path in inputs:
+        if resolved in Path(path).resolve().parents:
+            raise ValueError(f"--hub-dir {out} holds {path}, an input of the export; write it to another folder")
+    if any(out.iterdir()) and not force:
         raise ValueError(f"--hub-dir {out} exists and is not empty; pass --force to replace it")
     return out
 
@@ -313,7 +323,7 @@ def export_hub_dir(
     from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
     path = Path(checkpoint)
-    out = check_out_dir(out_dir, force)
+    out = check_out_dir(out_dir, force, [path, *results])
     results_text = results_table(results)  # a bad results file fails before the model is built
     state = read_state_dict(path)
     prefix = strip_layout(state, set())[1]
@@ -398,12 +408,13 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
         return
     old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-    os.replace(dst, old / dst.name)
     try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old / dst.name, dst)
-        raise
+        os.replace(dst, old / dst.name)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old / dst.name, dst)
+            raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -432,7 +443,11 @@ def resolve_model_id(model_name: str) -> Path | None:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    from spar_pl.offline import cached, hub_unreachable
+
     repo_id = model_name[len("hf-hub:") :]
+    if not cached(repo_id) and hub_unreachable() is not None:
+        return None  # the build's check_hub says so in one line, without huggingface_hub's retries and warnings
     try:
         config = Path(hf_hub_download(repo_id, SPAR_CONFIG))
     except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError):  # no such file or repo; offline, not cached
@@ -445,9 +460,10 @@ def read_spar_config(folder: str | Path) -> dict:
     """The spar-pl config of an exported folder, checked.
 
     Raises:
-        ValueError: not valid JSON, another format, or an unknown backbone.
+        ValueError: not valid JSON, another format, an unknown backbone or dense recipe, or no mean and std.
     """
     from spar_pl.families import backbone_names
+    from spar_pl.recipes import RECIPES
 
     path = Path(folder) / SPAR_CONFIG
     try:
@@ -460,6 +476,16 @@ def read_spar_config(folder: str | Path) -> dict:
         raise ValueError(
             f"{path}: unknown backbone {config.get('backbone')!r}; choose one of {', '.join(backbone_names())}"
         )
+    for key in ("mean", "std"):
+        value = config.get(key)
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        if not numbers or len(value) != 3:
+            raise ValueError(f"{path}: {key} must be a list of 3 numbers, got {value!r}")
+    dense = config.get("dense")
+    if dense is not None and dense not in RECIPES:
+        raise ValueError(f"{path}: unknown dense recipe {dense!r}; choose one of {', '.join(RECIPES)} or null")
     return config
 
 
@@ -487,12 +513,14 @@ def hub_encoder(model_name: str, device: str | torch.device = "cpu"):
         from spar_pl.testing import register_tiny_models
 
         register_tiny_models()
+    weights = folder / OPEN_CLIP_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
     local = f"local-dir:{folder}"
     try:
         model = open_clip.create_model(local, load_weights=False, device=device)
     except Exception as err:
         raise ValueError(f"could not build the open_clip model of {model_name} from {folder}: {err}") from err
-    weights = folder / OPEN_CLIP_WEIGHTS
     load_state_strict(model, read_state_dict(weights), f"weights file {weights}", model_name, backbone)
     try:
         tokenizer, tokenizer_error = open_clip.get_tokenizer(local), None
