@@ -250,7 +250,8 @@ def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Im
         "--backbone",
         default=None,
         choices=backbone_names(),
-        help="a paper preset or a family (default: the family of --model-name's model; no model either: siglip2)",
+        help="a paper preset or a family (default: the family of --model-name's model; nothing named: the shipped "
+        "tiny model spar-tiny-p8 on generated scenes)",
     )
     parser.add_argument("--model-name", default=None, help="open_clip name, hf-hub:ORG/NAME or local-dir:PATH")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the backbone's)")
