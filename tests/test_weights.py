@@ -272,6 +272,33 @@ def test_damaged_files_and_odd_state_dicts(tmp_path, released):
         read_state_dict(tmp_path / "int-keys.ckpt")
 
 
+def test_a_zip_damaged_inside_a_tensor_is_refused_and_one_saved_without_crc_reads(tmp_path):
+    """PyTorch reads a zip file whose tensor bytes were overwritten without complaint; its CRC-32 says so. A file
+    saved with ``compute_crc32`` off (CRC 0) still reads."""
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}}, tmp_path / "good.ckpt")
+    with zipfile.ZipFile(tmp_path / "good.ckpt") as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size == 4096 * 4)
+    data = bytearray((tmp_path / "good.ckpt").read_bytes())
+    local = data[info.header_offset : info.header_offset + 30]  # the local header: its name and extra lengths
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data[start + 100 : start + 104] = b"\xff" * 4
+    (tmp_path / "bad.ckpt").write_bytes(bytes(data))
+    assert torch.load(tmp_path / "bad.ckpt", weights_only=True)["state_dict"]["w"][25] != 25  # torch reads it
+    with pytest.raises(CheckpointError, match=r"bad.ckpt: a damaged PyTorch \(zip\) file \(Bad CRC-32"):
+        read_state_dict(tmp_path / "bad.ckpt")
+    old = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"w": torch.ones(3)}, tmp_path / "no-crc.pt")
+    finally:
+        config.save.compute_crc32 = old
+    assert torch.equal(read_state_dict(tmp_path / "no-crc.pt")["w"], torch.ones(3))
+
+
 def test_weights_option_reads_safely_and_redirects_checkpoints(tmp_path, released, siglip_encoder):
     with pytest.raises(CheckpointError, match="the authors' SPAR Lightning checkpoint: pass it as the checkpoint"):
         build_encoder("siglip2", "spar-tiny-sl2", weights=released[0])

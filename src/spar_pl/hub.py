@@ -86,13 +86,9 @@ def read_checkpoint_record(path: str | Path) -> dict:
         FileNotFoundError: no such file.
         spar_pl.weights.CheckpointError: not a checkpoint, or unsafe.
     """
-    from spar_pl.weights import _torch_load, sniff_format
+    from spar_pl.weights import read_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    kind = sniff_format(path)
-    obj = {} if kind == "safetensors" else _torch_load(path, kind)
+    obj = read_checkpoint(path)
     obj = obj if isinstance(obj, dict) else {}
     record = {}
     for key in ("hyper_parameters", "datamodule_hyper_parameters"):
