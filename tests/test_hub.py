@@ -20,6 +20,7 @@ import spar_pl
 from spar_pl import hub
 from spar_pl.cli import main
 from spar_pl.scenes import make_scenes
+from spar_pl.weights import read_state_dict
 from tests.helpers import ROOT, fit_args
 from tests.test_weights import authors_checkpoint
 
@@ -50,7 +51,7 @@ def exported(fit_ckpt, tmp_path_factory) -> Path:
 
 
 def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]  # our own file, made above
+    state = read_state_dict(ckpt)
     return {k[len("student.model.") :]: v for k, v in state.items() if k.startswith("student.model.")}
 
 

@@ -88,6 +88,13 @@ class ShellPayload(Payload):
         return os.system, (f"touch {self.marker}",)
 
 
+def load_own(path: Path) -> dict:
+    """A checkpoint :func:`authors_checkpoint` wrote, read weights-only with the two classes its hyper-parameters
+    pickle allowed (``argparse.Namespace`` and a path), as its writer knows them."""
+    with torch.serialization.safe_globals([argparse.Namespace, type(Path())]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return authors_checkpoint("siglip2", tmp_path_factory.mktemp("released") / "spar_siglip2.ckpt")
@@ -95,7 +102,7 @@ def released(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def test_released_layout_has_whole_model_and_lightning_entries(released):
     path, weights = released
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file, built just above
+    ckpt = load_own(path)
     assert set(ckpt["state_dict"]) == {f"segmentor.net.model.{k}" for k in weights}
     assert any(k.startswith("segmentor.net.model.text.") for k in ckpt["state_dict"])  # text tower included
     assert "segmentor.net.model.logit_bias" in ckpt["state_dict"]
@@ -174,7 +181,7 @@ def test_an_image_as_checkpoint_or_weights_is_not_a_checkpoint(tmp_path):
 
 def hostile_checkpoint(tmp_path: Path, released: Path, payload_cls: type) -> tuple[Path, Path]:
     """The released checkpoint with a payload object in its hyper-parameters."""
-    ckpt = torch.load(released, map_location="cpu", weights_only=False)  # our own file
+    ckpt = load_own(released)
     marker = tmp_path / "PWNED"
     ckpt["hyper_parameters"]["payload"] = payload_cls(released, marker)
     path = tmp_path / f"hostile-{payload_cls.__name__}.ckpt"
@@ -302,7 +309,7 @@ def test_a_zip_damaged_inside_a_tensor_is_refused_and_one_saved_without_crc_read
 def test_weights_option_reads_safely_and_redirects_checkpoints(tmp_path, released, siglip_encoder):
     with pytest.raises(CheckpointError, match="the authors' SPAR Lightning checkpoint: pass it as the checkpoint"):
         build_encoder("siglip2", "spar-tiny-sl2", weights=released[0])
-    state = torch.load(released[0], map_location="cpu", weights_only=False)  # our own clean file
+    state = load_own(released[0])
     state["state_dict"] = {k[len("segmentor.net.model.") :]: v for k, v in state["state_dict"].items()}
     marker = tmp_path / "PWNED"
     state["hyper_parameters"]["payload"] = Payload(released[0], marker)
