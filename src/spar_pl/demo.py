@@ -193,6 +193,7 @@ def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Imag
     """The models of ``spar-cli demo``'s options: the shipped tiny model when no model is named (with generated
     shape scenes); a named model starts with ``scene`` (its classes and example image), if given."""
     from spar_pl.api import SPAR, load
+    from spar_pl.hub import HUB_SCHEMES
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shipped = all(v is None for v in (args.backbone, args.model_name, args.weights, args.pretrained))
@@ -214,7 +215,7 @@ def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Imag
         name = base.model_name
     student = None
     if args.student is not None:
-        if args.student.startswith(("hf-hub:", "local-dir:")):
+        if args.student.startswith(HUB_SCHEMES):
             student = load(args.student, device=device, precision=args.precision)
         else:  # the base model's architecture with the checkpoint's weights
             tag = None if shipped else pretrained

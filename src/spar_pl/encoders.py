@@ -32,6 +32,8 @@ from spar_pl.families.base import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LEGACY_MEAN,
+    LEGACY_STD,
     SIGLIP_MEAN,
     SIGLIP_STD,
     DenseEncoder,
@@ -46,6 +48,7 @@ from spar_pl.families.dinotxt import (
     describe_state_dict,
 )
 from spar_pl.families.siglip import SigLIP2Encoder
+from spar_pl.hub import HUB_SCHEMES
 from spar_pl.recipes import check_recipe
 from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict
 
@@ -57,6 +60,8 @@ __all__ = [
     "DINOTXT_FILES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LEGACY_MEAN",
+    "LEGACY_STD",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "DenseEncoder",
@@ -74,9 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The mean and std of ``maskclip-legacy`` (the reference segmentor's default normalisation).
-LEGACY_MEAN = (0.5, 0.5, 0.5)
-LEGACY_STD = (0.5, 0.5, 0.5)
 
 #: Shipped pretrained weights of tiny models: ``<model name>-<what it learned>.safetensors``.
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -140,7 +142,7 @@ def build_encoder(
         check_recipe(dense)
         if backbone is not None:  # a family known before building fails before any work
             check_dense_family(backbone_family(backbone), dense, backbone)
-    if model_name is not None and model_name.startswith(("hf-hub:", "local-dir:")):
+    if model_name is not None and model_name.startswith(HUB_SCHEMES):
         from spar_pl.hub import hub_encoder
 
         exported = hub_encoder(model_name, device)  # None: an ordinary open_clip model, built below
@@ -261,7 +263,7 @@ def _build_open_clip(
     state = read_state_dict(weights) if weights is not None and not big_vision else None  # safe, before building
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
     fetch = weights is None and checkpoint is None
-    if not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(name) is None:
+    if not name.startswith(HUB_SCHEMES) and open_clip.get_model_config(name) is None:
         raise ValueError(f"open_clip has no model {name!r}; spar-cli models lists the models each family takes")
     if fetch and pretrained and not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(name, pretrained):
         known = _tags_hint(name) or "; it has none (--pretrained none: random weights)"
