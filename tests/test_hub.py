@@ -325,3 +325,11 @@ def test_configs_load_an_exported_student_by_model_name(exported, fit_ckpt):
     with torch.no_grad():
         x = reference.encoder.normalize(scene()[None])
         assert torch.equal(cli.model.encoder(x), reference.encoder(x))
+
+
+def test_a_backbone_that_contradicts_the_export_is_an_error(exported):
+    """The export's config sets the backbone; naming another one is a mistake said in one line, not ignored."""
+    with pytest.raises(ValueError, match="--backbone siglip2 contradicts local-dir:.*exported as 'maskclip'"):
+        spar_pl.load("siglip2", model_name=f"local-dir:{exported}", device="cpu")
+    for same in ("maskclip", "clip"):
+        assert spar_pl.load(same, model_name=f"local-dir:{exported}", device="cpu").encoder.backbone == "maskclip"

@@ -149,6 +149,11 @@ def build_encoder(
         if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
             if weights is not None or head_weights is not None:
                 raise ValueError(f"{model_name} holds its own weights: drop the weights files")
+            if backbone is not None and backbone not in (exported.backbone, exported.family):
+                raise ValueError(
+                    f"--backbone {backbone} contradicts {model_name}, exported as {exported.backbone!r} "
+                    f"({exported.family} family): drop the backbone"
+                )
             if dense is not None:
                 check_dense_family(get_family(exported.family), dense, model_name)
                 exported.dense = dense
