@@ -45,6 +45,7 @@ from spar_pl.recipes import RECIPES
 from spar_pl.render import overlay, save_atomic
 from spar_pl.runner import (
     check_writable,
+    command_help,
     config_path,
     end_process_group,
     lightning_cli,
@@ -58,7 +59,7 @@ from spar_pl.testing import TINY_MODELS
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the quickstart through :func:`spar_pl.load` (``SPAR.features``, ``SPAR.segment``, ``Segmentation.save``);
     returns the measured numbers (also printed)."""
-    parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=command_help(__doc__.split("\n\n")[1]))
     parser.add_argument(
         "--backbone", default=None, choices=sorted(TINY_MODELS), help="default: the shipped pretrained tiny model"
     )
@@ -259,7 +260,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
     ``spar-cli export CKPT --hub-dir DIR [--results FILE.json ...] [--push-to-hub ORG/NAME]``: a Hugging Face Hub
     model folder (open_clip's Hub files, a spar-pl config and a model card; ``spar_pl.hub``), uploaded with
     ``huggingface_hub`` when asked."""
-    parser = argparse.ArgumentParser(prog="spar-cli export", description=export.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli export", description=command_help(export.__doc__))
     parser.add_argument("checkpoint", help="a SPAR checkpoint (.ckpt of spar-cli fit or of the authors)")
     parser.add_argument("out", nargs="?", default=None, help="output .safetensors file, for build_encoder(weights=...)")
     hub = parser.add_argument_group("Hugging Face Hub")
@@ -339,7 +340,7 @@ def tiny_data(argv: Sequence[str] | None = None) -> None:
     """``spar-cli tiny-data OUT``: generated train/val images for the tiny distillation config."""
     from spar_pl.testing import write_sample_images
 
-    parser = argparse.ArgumentParser(prog="spar-cli tiny-data", description=tiny_data.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli tiny-data", description=command_help(tiny_data.__doc__))
     parser.add_argument("out", nargs="?", default="data/tiny")
     parser.add_argument("--train", type=int, default=12)
     parser.add_argument("--val", type=int, default=4)
@@ -396,7 +397,7 @@ def _positive_int(text: str) -> int:
 def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argparse.ArgumentParser:
     """Arguments shared by ``segment`` and ``features``: inputs, output folder, model, mode, size."""
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=command_help(description))
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -549,7 +550,7 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     """``spar-cli reproduce-tiny``: single pass vs sliding window vs SPAR with the shipped tiny pretrained model."""
     from spar_pl.reproduce import reproduce_tiny as run
 
-    parser = argparse.ArgumentParser(prog="spar-cli reproduce-tiny", description=reproduce_tiny.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli reproduce-tiny", description=command_help(reproduce_tiny.__doc__))
     parser.add_argument("--out", default="results", help="writes reproduce-tiny.md and reproduce-tiny.png here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--weights", default=None, help="pretrained tiny model (default: the shipped one)")
@@ -578,7 +579,7 @@ def pretrain_tiny(argv: Sequence[str] | None = None) -> Path:
     """``spar-cli pretrain-tiny``: re-create the shipped tiny pretrained model (``spar-tiny-p8`` on shape scenes)."""
     from spar_pl.reproduce import PRETRAIN_DEFAULTS, pretrain, shipped_weights
 
-    parser = argparse.ArgumentParser(prog="spar-cli pretrain-tiny", description=pretrain_tiny.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli pretrain-tiny", description=command_help(pretrain_tiny.__doc__))
     parser.add_argument("--out", default=None, help="safetensors file (default: the package's shipped weights)")
     parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"])
     parser.add_argument("--steps", type=_positive_int, default=PRETRAIN_DEFAULTS["steps"])
@@ -618,7 +619,7 @@ def config(argv: Sequence[str] | None = None) -> str:
     distill/siglip2.yaml > my.yaml`` writes one to edit, self-contained (the fragments it reads written in place), so
     ``spar-cli fit --config my.yaml`` runs from any folder. ``--config configs/NAME`` works from any folder too: a
     path that does not exist there is read from the package."""
-    parser = argparse.ArgumentParser(prog="spar-cli config", description=config.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli config", description=command_help(config.__doc__))
     parser.add_argument("name", nargs="?", help="e.g. distill/siglip2.yaml, eval/voc21.yaml (configs/ optional)")
     args = parser.parse_args(argv)
     if args.name is None:
@@ -779,7 +780,7 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: spar-cli {" + names + "} [options]\n\n" + __doc__.strip())
+        print("usage: spar-cli {" + names + "} [options]\n\n" + command_help(__doc__.strip()))
         raise SystemExit(0)
     command = argv[0]
     configure_console()

@@ -245,8 +245,9 @@ def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Im
     """``spar-cli demo``: the browser demo (the shipped tiny model by default; the usual model options). ``scene``:
     the classes and example image a named model starts with."""
     from spar_pl.families import backbone_names
+    from spar_pl.runner import command_help
 
-    parser = argparse.ArgumentParser(prog="spar-cli demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="spar-cli demo", description=command_help(__doc__.split("\n\n")[0]))
     parser.add_argument(
         "--backbone",
         default=None,

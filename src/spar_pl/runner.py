@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -22,6 +23,11 @@ from pathlib import Path
 CONFIGS = "configs"
 _files = contextlib.ExitStack()  # packaged files made available as paths, for the life of the process
 atexit.register(_files.close)
+
+
+def command_help(doc: str) -> str:
+    """A docstring as ``--help`` shows it: Sphinx roles (``:func:`x```) and double backquotes dropped."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")
 
 
 def config_path(name: str | Path) -> Path:
