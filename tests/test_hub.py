@@ -247,11 +247,12 @@ def test_a_damaged_export_folder_is_one_line_naming_the_file(exported, tmp_path,
     ],
 )
 def test_export_errors_are_one_line(fit_ckpt, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as exc:
-        main(["export", str(fit_ckpt), "--hub-dir", str(tmp_path / "hub"), *extra])
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code == 1 and message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "hub").exists()
+    for out in ([], [str(tmp_path / "student.safetensors")]):  # with OUT too: a failed export writes neither
+        with pytest.raises(SystemExit) as exc:
+            main(["export", str(fit_ckpt), *out, "--hub-dir", str(tmp_path / "hub"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and message in err and len(err.splitlines()) == 1
+        assert sorted(tmp_path.iterdir()) == []
 
 
 class RecordingApi:

@@ -292,11 +292,8 @@ def export(argv: Sequence[str] | None = None) -> Path:
     if args.hub_dir is not None:
         hubs.check_out_dir(args.hub_dir, args.force, [args.checkpoint, *args.results])
         check_writable(Path(args.hub_dir).absolute().parent, "parent folder of --hub-dir")
-    out = None
-    if args.out is not None:
-        out = _export_weights(Path(args.checkpoint), args.out)
     if not to_hub:
-        return out
+        return _export_weights(Path(args.checkpoint), args.out)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             folder = hubs.export_hub_dir(
@@ -309,8 +306,11 @@ def export(argv: Sequence[str] | None = None) -> Path:
                 repo_id=args.push_to_hub,
                 force=args.force,
             )
-            files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-            print(f"wrote {folder}: {', '.join(files)}")
+            if args.hub_dir is not None:
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                print(f"wrote {folder}: {', '.join(files)}")
+            if args.out is not None:  # after the Hub folder, whose checks come first: a failed export writes nothing
+                _export_weights(Path(args.checkpoint), args.out)
             if args.push_to_hub is not None:
                 url = hubs.push_hub_dir(folder, args.push_to_hub, token, args.private)
                 print(f"uploaded to {url}")
