@@ -19,12 +19,8 @@ those ids. An id without a spar-pl config is an ordinary open_clip model and is 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,14 +97,6 @@ def read_checkpoint_record(path: str | Path) -> dict:
 
 
 # -- export -----------------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_out_dir(out_dir: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
@@ -315,7 +303,7 @@ def export_hub_dir(
     from spar_pl import __version__
     from spar_pl.encoders import build_encoder
     from spar_pl.families import BACKBONES, backbone_family
-    from spar_pl.fileio import save_safetensors, write_text
+    from spar_pl.fileio import atomic_dir, file_sha256, save_safetensors, write_text
     from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
     path = Path(checkpoint)
@@ -371,12 +359,10 @@ def export_hub_dir(
         },
         "data": data,
         "datasets": [d for d in [_hub_dataset(data.get("train_source"))] if d],
-        "source": {"checkpoint": path.name, "layout": LAYOUTS[prefix], "sha256": _sha256(path)},
+        "source": {"checkpoint": path.name, "layout": LAYOUTS[prefix], "sha256": file_sha256(path)},
     }
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         save_safetensors(weights, tmp / OPEN_CLIP_WEIGHTS, {"format": "pt"})
         config = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(encoder)}
         write_text(tmp / OPEN_CLIP_CONFIG, json.dumps(config, indent=2) + "\n")
@@ -384,35 +370,7 @@ def export_hub_dir(
         write_text(tmp / "README.md", model_card(spar_config, repo_id, license_id, results_text, out.name))
         if hasattr(encoder.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer (SigLIP2): as open_clip saves it
             encoder.tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-    try:
-        os.replace(dst, old / dst.name)
-        try:
-            os.replace(src, dst)
-        except BaseException:
-            os.replace(old / dst.name, dst)
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- loading by id ----------------------------------------------------------------------------------------------------
