@@ -50,6 +50,7 @@ from spar_pl.runner import (
     end_process_group,
     lightning_cli,
     packaged_configs,
+    positive_int,
     self_contained_config,
 )
 from spar_pl.sliding import window_starts
@@ -387,13 +388,6 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     return numbers
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argparse.ArgumentParser:
     """Arguments shared by ``segment`` and ``features``: inputs, output folder, model, mode, size."""
 
@@ -415,9 +409,9 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument(
         "--mode", default="single", choices=(*modes, "sliding"), help="single pass or a sliding window (README)"
     )
-    parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
-    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
-    parser.add_argument("--max-side", type=_positive_int, default=None, help="downscale longer sides to this first")
+    parser.add_argument("--stride", type=positive_int, default=24, help="sliding-window stride")
+    parser.add_argument("--crop", type=positive_int, default=None, help="sliding-window side (default: native)")
+    parser.add_argument("--max-side", type=positive_int, default=None, help="downscale longer sides to this first")
     parser.add_argument(
         "--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"), help="autocast of the encoder"
     )
@@ -554,11 +548,11 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default="results", help="writes reproduce-tiny.md and reproduce-tiny.png here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--weights", default=None, help="pretrained tiny model (default: the shipped one)")
-    parser.add_argument("--eval-images", type=_positive_int, default=16, help="held-out 256 px scenes per seed")
-    parser.add_argument("--distill-steps", type=_positive_int, default=120)
-    parser.add_argument("--distill-batch", type=_positive_int, default=2)
+    parser.add_argument("--eval-images", type=positive_int, default=16, help="held-out 256 px scenes per seed")
+    parser.add_argument("--distill-steps", type=positive_int, default=120)
+    parser.add_argument("--distill-batch", type=positive_int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--dense", default=None, choices=RECIPES, help="last-block recipe (reproduce-tiny-DENSE.md)")
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")  # before minutes of work
@@ -582,9 +576,9 @@ def pretrain_tiny(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="spar-cli pretrain-tiny", description=command_help(pretrain_tiny.__doc__))
     parser.add_argument("--out", default=None, help="safetensors file (default: the package's shipped weights)")
     parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"])
-    parser.add_argument("--steps", type=_positive_int, default=PRETRAIN_DEFAULTS["steps"])
-    parser.add_argument("--batch-size", type=_positive_int, default=PRETRAIN_DEFAULTS["batch_size"])
-    parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=positive_int, default=PRETRAIN_DEFAULTS["steps"])
+    parser.add_argument("--batch-size", type=positive_int, default=PRETRAIN_DEFAULTS["batch_size"])
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else shipped_weights()

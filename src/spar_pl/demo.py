@@ -234,18 +234,11 @@ def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Imag
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Image] | None = None):
     """``spar-cli demo``: the browser demo (the shipped tiny model by default; the usual model options). ``scene``:
     the classes and example image a named model starts with."""
     from spar_pl.families import backbone_names
-    from spar_pl.runner import command_help
+    from spar_pl.runner import command_help, positive_int
 
     parser = argparse.ArgumentParser(prog="spar-cli demo", description=command_help(__doc__.split("\n\n")[0]))
     parser.add_argument(
@@ -262,11 +255,11 @@ def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Im
     parser.add_argument("--student", default=None, help="a SPAR checkpoint, or hf-hub:/local-dir: id of a student")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
-    parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
-    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
-    parser.add_argument("--max-side", type=_positive_int, default=512, help="the largest max side a user may pick")
-    parser.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="uploads over this are refused")
-    parser.add_argument("--max-file-mb", type=_positive_int, default=20, help="uploads over this are refused")
+    parser.add_argument("--stride", type=positive_int, default=24, help="sliding-window stride")
+    parser.add_argument("--crop", type=positive_int, default=None, help="sliding-window side (default: native)")
+    parser.add_argument("--max-side", type=positive_int, default=512, help="the largest max side a user may pick")
+    parser.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="uploads over this are refused")
+    parser.add_argument("--max-file-mb", type=positive_int, default=20, help="uploads over this are refused")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
