@@ -56,6 +56,9 @@ from spar_pl.runner import (
 from spar_pl.sliding import window_starts
 from spar_pl.testing import TINY_MODELS
 
+#: ``--help`` of ``--dense``.
+DENSE_HELP = "the clip family's (open_clip ViT CLIPs') last-block dense recipe (default: maskclip); docs/method.md"
+
 
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the quickstart through :func:`spar_pl.load` (``SPAR.features``, ``SPAR.segment``, ``Segmentation.save``);
@@ -78,7 +81,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-distill", action="store_true", help="skip the tiny distillation and table stages")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
-    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
+    parser.add_argument("--dense", default=None, choices=RECIPES, help=DENSE_HELP)
     args = parser.parse_args(argv)
     from spar_pl.api import load
     from spar_pl.openvocab import parse_classes
@@ -415,7 +418,7 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument(
         "--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"), help="autocast of the encoder"
     )
-    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
+    parser.add_argument("--dense", default=None, choices=RECIPES, help=DENSE_HELP)
     return parser
 
 
