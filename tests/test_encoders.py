@@ -180,7 +180,7 @@ def test_build_errors_name_the_model_and_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.safetensors is not a checkpoint"):
         build_encoder("maskclip", "spar-tiny-clip", weights=bad)
-    with pytest.raises(RuntimeError, match="no-such-model"):
+    with pytest.raises(ValueError, match="open_clip has no model 'no-such-model'"):
         build_encoder("maskclip", "no-such-model")
     with pytest.raises(ValueError, match="dinov3txt needs its two local weight files"):
         build_encoder("dinov3txt")

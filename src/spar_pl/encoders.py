@@ -133,8 +133,9 @@ def build_encoder(
             (MaskCLIP's for ``clip``). Other families have one fixed dense path: a recipe there is an error.
 
     Raises:
-        ValueError: an unknown backbone, or a model whose vision tower the named backbone's family does not take; a
-            dense recipe for a family it does not apply to.
+        ValueError: an unknown backbone, an open_clip model name or pretrained tag open_clip does not know, or a
+            model whose vision tower the named backbone's family does not take; a dense recipe for a family it does
+            not apply to; a backbone that contradicts an exported model's config.
         FileNotFoundError: a weights, checkpoint or head-weights file that does not exist.
         RuntimeError: open_clip could not build the model (the message names it and the weights).
     """
