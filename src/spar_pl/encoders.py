@@ -75,6 +75,7 @@ __all__ = [
     "load_checkpoint",
     "read_state_dict",
     "shipped_weights",
+    "without_open_clip_random_notice",
 ]
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def check_dense_family(family: Family, dense: str, label: str) -> None:
 
 
 @contextlib.contextmanager
-def _without_open_clip_random_notice():
+def without_open_clip_random_notice():
     """Drop open_clip's "No pretrained weights loaded" record (a root-logger warning) while it builds a model."""
 
     def keep(record: logging.LogRecord) -> bool:
@@ -278,7 +279,7 @@ def _build_open_clip(
 
     check_hub(name, pretrained if fetch else None)  # offline: one line at once, not a minute of retries
     try:
-        with _without_open_clip_random_notice():  # build_encoder says it once, or loads weights next
+        with without_open_clip_random_notice():  # build_encoder says it once, or loads weights next
             model = open_clip.create_model(
                 name, pretrained=pretrained if fetch else None, load_weights=fetch, device=device
             )

@@ -454,6 +454,7 @@ def hub_encoder(model_name: str, device: str | torch.device = "cpu"):
     """
     import open_clip
 
+    from spar_pl.encoders import without_open_clip_random_notice
     from spar_pl.families import backbone_family
     from spar_pl.weights import load_state_strict, read_state_dict
 
@@ -472,7 +473,8 @@ def hub_encoder(model_name: str, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"weights file not found: {weights}")
     local = f"local-dir:{folder}"
     try:
-        model = open_clip.create_model(local, load_weights=False, device=device)
+        with without_open_clip_random_notice():  # the weights are loaded strictly next
+            model = open_clip.create_model(local, load_weights=False, device=device)
     except Exception as err:
         raise ValueError(f"could not build the open_clip model of {model_name} from {folder}: {err}") from err
     load_state_strict(model, read_state_dict(weights), f"weights file {weights}", model_name, backbone)
