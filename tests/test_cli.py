@@ -251,3 +251,12 @@ def test_a_resumed_run_shows_its_version_number(tmp_path):
     trainer = L.Trainer(logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False)
     assert continue_last_run(trainer, {"save_dir": str(tmp_path)}) == checkpoints / "last.ckpt"
     assert trainer.logger.version == 0 and trainer.logger.log_dir == str(tmp_path / "lightning_logs" / "version_0")
+
+
+def test_help_shows_no_docstring_markup(capsys):
+    """``--help`` text comes from docstrings: without their Sphinx roles and double backquotes."""
+    for argv in (["--help"], ["export", "--help"], ["segment", "--help"], ["models", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        out = capsys.readouterr().out
+        assert exc.value.code == 0 and "``" not in out and ":func:" not in out and ":mod:" not in out, argv

@@ -180,7 +180,7 @@ def test_build_errors_name_the_model_and_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.safetensors is not a checkpoint"):
         build_encoder("maskclip", "spar-tiny-clip", weights=bad)
-    with pytest.raises(RuntimeError, match="no-such-model"):
+    with pytest.raises(ValueError, match="open_clip has no model 'no-such-model'"):
         build_encoder("maskclip", "no-such-model")
     with pytest.raises(ValueError, match="dinov3txt needs its two local weight files"):
         build_encoder("dinov3txt")
@@ -235,6 +235,8 @@ def test_normalisation_comes_from_open_clip_for_pretrained_weights(monkeypatch):
         return model
 
     monkeypatch.setattr(open_clip, "create_model", offline)
+    known = {"url": "https://example.invalid/w.bin"}  # open_clip knows the tag (a download stands in above)
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: known if tag == "some-tag" else {})
     tagged = encoders.build_encoder("maskclip", "spar-tiny-clip", pretrained="some-tag")
     assert (tagged.mean, tagged.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
     legacy = encoders.build_encoder("maskclip-legacy", "spar-tiny-clip", pretrained="some-tag")
@@ -259,3 +261,15 @@ def test_tiny_models_register_only_when_asked_for():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["False False", "True True"]
+
+
+def test_unknown_model_and_tag_are_one_short_line():
+    """A model name open_clip does not know, or a tag it does not know for the model, fails before building, in
+    one line naming it (not open_clip's list of every model)."""
+    with pytest.raises(ValueError, match="open_clip has no model 'not-a-model'; spar-cli models") as err:
+        build_encoder(None, "not-a-model")
+    assert len(str(err.value)) < 200
+    with pytest.raises(ValueError, match="no pretrained tag 'bogus' for model 'spar-tiny-clip'; it has none"):
+        build_encoder(None, "spar-tiny-clip", pretrained="bogus")
+    with pytest.raises(ValueError, match="no pretrained tag 'bogus' for model 'ViT-B-16'; open_clip's pretrained tags"):
+        build_encoder("maskclip", pretrained="bogus")

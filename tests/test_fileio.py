@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spar_pl.fileio import atomic_path, safetensors_writer, save_safetensors, write_text
+from spar_pl.fileio import atomic_dir, atomic_path, file_sha256, safetensors_writer, save_safetensors, write_text
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -34,3 +34,27 @@ def test_pieces_that_do_not_add_up_leave_nothing(tmp_path):
         with safetensors_writer(tmp_path / "y.safetensors", "x", (2, 3, 4), torch.float32) as write:
             write(torch.zeros(1, 4, 3))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_is_replaced_whole_or_left_as_it_was(tmp_path):
+    out = tmp_path / "hub"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and (out.stat().st_mode & 0o777) != 0o700
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_dir(out) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("midway")
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["hub"]
+    with atomic_dir(out) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert [p.name for p in out.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == ["hub"]
+
+
+def test_file_sha256_is_the_digest_and_follows_a_change(tmp_path):
+    import hashlib
+
+    path = write_text(tmp_path / "w.bin", "one")
+    assert file_sha256(path) == hashlib.sha256(b"one").hexdigest()
+    write_text(path, "two, longer")
+    assert file_sha256(path) == hashlib.sha256(b"two, longer").hexdigest()

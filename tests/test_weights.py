@@ -88,6 +88,13 @@ class ShellPayload(Payload):
         return os.system, (f"touch {self.marker}",)
 
 
+def load_own(path: Path) -> dict:
+    """A checkpoint :func:`authors_checkpoint` wrote, read weights-only with the two classes its hyper-parameters
+    pickle allowed (``argparse.Namespace`` and a path), as its writer knows them."""
+    with torch.serialization.safe_globals([argparse.Namespace, type(Path())]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return authors_checkpoint("siglip2", tmp_path_factory.mktemp("released") / "spar_siglip2.ckpt")
@@ -95,7 +102,7 @@ def released(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def test_released_layout_has_whole_model_and_lightning_entries(released):
     path, weights = released
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file, built just above
+    ckpt = load_own(path)
     assert set(ckpt["state_dict"]) == {f"segmentor.net.model.{k}" for k in weights}
     assert any(k.startswith("segmentor.net.model.text.") for k in ckpt["state_dict"])  # text tower included
     assert "segmentor.net.model.logit_bias" in ckpt["state_dict"]
@@ -174,7 +181,7 @@ def test_an_image_as_checkpoint_or_weights_is_not_a_checkpoint(tmp_path):
 
 def hostile_checkpoint(tmp_path: Path, released: Path, payload_cls: type) -> tuple[Path, Path]:
     """The released checkpoint with a payload object in its hyper-parameters."""
-    ckpt = torch.load(released, map_location="cpu", weights_only=False)  # our own file
+    ckpt = load_own(released)
     marker = tmp_path / "PWNED"
     ckpt["hyper_parameters"]["payload"] = payload_cls(released, marker)
     path = tmp_path / f"hostile-{payload_cls.__name__}.ckpt"
@@ -272,10 +279,37 @@ def test_damaged_files_and_odd_state_dicts(tmp_path, released):
         read_state_dict(tmp_path / "int-keys.ckpt")
 
 
+def test_a_zip_damaged_inside_a_tensor_is_refused_and_one_saved_without_crc_reads(tmp_path):
+    """PyTorch reads a zip file whose tensor bytes were overwritten without complaint; its CRC-32 says so. A file
+    saved with ``compute_crc32`` off (CRC 0) still reads."""
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}}, tmp_path / "good.ckpt")
+    with zipfile.ZipFile(tmp_path / "good.ckpt") as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size == 4096 * 4)
+    data = bytearray((tmp_path / "good.ckpt").read_bytes())
+    local = data[info.header_offset : info.header_offset + 30]  # the local header: its name and extra lengths
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data[start + 100 : start + 104] = b"\xff" * 4
+    (tmp_path / "bad.ckpt").write_bytes(bytes(data))
+    assert torch.load(tmp_path / "bad.ckpt", weights_only=True)["state_dict"]["w"][25] != 25  # torch reads it
+    with pytest.raises(CheckpointError, match=r"bad.ckpt: a damaged PyTorch \(zip\) file \(Bad CRC-32"):
+        read_state_dict(tmp_path / "bad.ckpt")
+    old = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"w": torch.ones(3)}, tmp_path / "no-crc.pt")
+    finally:
+        config.save.compute_crc32 = old
+    assert torch.equal(read_state_dict(tmp_path / "no-crc.pt")["w"], torch.ones(3))
+
+
 def test_weights_option_reads_safely_and_redirects_checkpoints(tmp_path, released, siglip_encoder):
     with pytest.raises(CheckpointError, match="the authors' SPAR Lightning checkpoint: pass it as the checkpoint"):
         build_encoder("siglip2", "spar-tiny-sl2", weights=released[0])
-    state = torch.load(released[0], map_location="cpu", weights_only=False)  # our own clean file
+    state = load_own(released[0])
     state["state_dict"] = {k[len("segmentor.net.model.") :]: v for k, v in state["state_dict"].items()}
     marker = tmp_path / "PWNED"
     state["hyper_parameters"]["payload"] = Payload(released[0], marker)

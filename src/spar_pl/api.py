@@ -30,6 +30,7 @@ from PIL import Image
 
 from spar_pl.encoders import DenseEncoder, build_encoder
 from spar_pl.fileio import safetensors_writer, save_safetensors
+from spar_pl.hub import HUB_SCHEMES
 from spar_pl.images import (
     IMAGE_SUFFIXES,
     ImageInput,
@@ -153,7 +154,7 @@ def load(
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
         ValueError: the checkpoint is unreadable or does not match the model.
     """
-    if model_name is None and backbone is not None and backbone.startswith(("hf-hub:", "local-dir:")):
+    if model_name is None and backbone is not None and backbone.startswith(HUB_SCHEMES):
         backbone, model_name = None, backbone  # load("hf-hub:ORG/NAME"): the export's spar-pl config sets the backbone
     for kind, path in (("checkpoint", checkpoint), ("weights file", weights), ("head weights file", head_weights)):
         if path is not None and not Path(path).is_file():

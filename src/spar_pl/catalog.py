@@ -81,7 +81,9 @@ def format_catalog(rows: list[dict]) -> str:
 def models_command(argv: Sequence[str] | None = None) -> str:
     """``spar-cli models [--family F] [--all]``: the backbone families and the open_clip models and pretrained tags
     each takes, with patch, pretraining (native) size and default teacher crop; offline, nothing is built."""
-    parser = argparse.ArgumentParser(prog="spar-cli models", description=models_command.__doc__)
+    from spar_pl.runner import command_help
+
+    parser = argparse.ArgumentParser(prog="spar-cli models", description=command_help(models_command.__doc__))
     parser.add_argument("--family", choices=[f.name for f in families()], help="only this family")
     parser.add_argument("--all", action="store_true", help="also open_clip models without a pretrained tag")
     args = parser.parse_args(argv)

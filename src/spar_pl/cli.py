@@ -45,20 +45,25 @@ from spar_pl.recipes import RECIPES
 from spar_pl.render import overlay, save_atomic
 from spar_pl.runner import (
     check_writable,
+    command_help,
     config_path,
     end_process_group,
     lightning_cli,
     packaged_configs,
+    positive_int,
     self_contained_config,
 )
 from spar_pl.sliding import window_starts
 from spar_pl.testing import TINY_MODELS
 
+#: ``--help`` of ``--dense``.
+DENSE_HELP = "the clip family's (open_clip ViT CLIPs') last-block dense recipe (default: maskclip); docs/method.md"
+
 
 def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the quickstart through :func:`spar_pl.load` (``SPAR.features``, ``SPAR.segment``, ``Segmentation.save``);
     returns the measured numbers (also printed)."""
-    parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="spar-cli quickstart", description=command_help(__doc__.split("\n\n")[1]))
     parser.add_argument(
         "--backbone", default=None, choices=sorted(TINY_MODELS), help="default: the shipped pretrained tiny model"
     )
@@ -76,7 +81,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-distill", action="store_true", help="skip the tiny distillation and table stages")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
-    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
+    parser.add_argument("--dense", default=None, choices=RECIPES, help=DENSE_HELP)
     args = parser.parse_args(argv)
     from spar_pl.api import load
     from spar_pl.openvocab import parse_classes
@@ -132,6 +137,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         from spar_pl.scenes import make_scenes
 
         truth = make_scenes(1, 256, args.seed, "quickstart")[1][0].numpy()
+    model.features(image)  # a warm-up call outside the timing (the first call of a model pays its set-up)
     t0 = time.perf_counter()
     single = model.features(image)
     t1 = time.perf_counter()
@@ -172,6 +178,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
         numbers.update({f"reproduce_{k}": v for k, v in runs[args.seed].items()})
         student = SPAR(students[args.seed].to(model.device).eval(), args.backbone, precision=args.precision)
+        student.features(image)  # warm-up, as for the base model
         t0 = time.perf_counter()
         student.features(image)
         seconds["spar"] = time.perf_counter() - t0
@@ -259,7 +266,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
     ``spar-cli export CKPT --hub-dir DIR [--results FILE.json ...] [--push-to-hub ORG/NAME]``: a Hugging Face Hub
     model folder (open_clip's Hub files, a spar-pl config and a model card; ``spar_pl.hub``), uploaded with
     ``huggingface_hub`` when asked."""
-    parser = argparse.ArgumentParser(prog="spar-cli export", description=export.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli export", description=command_help(export.__doc__))
     parser.add_argument("checkpoint", help="a SPAR checkpoint (.ckpt of spar-cli fit or of the authors)")
     parser.add_argument("out", nargs="?", default=None, help="output .safetensors file, for build_encoder(weights=...)")
     hub = parser.add_argument_group("Hugging Face Hub")
@@ -289,29 +296,32 @@ def export(argv: Sequence[str] | None = None) -> Path:
         hubs.check_repo_id(args.push_to_hub)
         token = hubs.hub_token()
     if args.hub_dir is not None:
-        hubs.check_out_dir(args.hub_dir, args.force)
+        hubs.check_out_dir(args.hub_dir, args.force, [args.checkpoint, *args.results])
         check_writable(Path(args.hub_dir).absolute().parent, "parent folder of --hub-dir")
-    out = None
-    if args.out is not None:
-        out = _export_weights(Path(args.checkpoint), args.out)
     if not to_hub:
-        return out
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = hubs.export_hub_dir(
-            args.checkpoint,
-            args.hub_dir or Path(scratch) / "model",
-            backbone=args.backbone,
-            model_name=args.model_name,
-            results=args.results,
-            license_id=args.license,
-            repo_id=args.push_to_hub,
-            force=args.force,
-        )
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        print(f"wrote {folder}: {', '.join(files)}")
-        if args.push_to_hub is not None:
-            url = hubs.push_hub_dir(folder, args.push_to_hub, token, args.private)
-            print(f"uploaded to {url}")
+        return _export_weights(Path(args.checkpoint), args.out)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = hubs.export_hub_dir(
+                args.checkpoint,
+                args.hub_dir or Path(scratch) / "model",
+                backbone=args.backbone,
+                model_name=args.model_name,
+                results=args.results,
+                license_id=args.license,
+                repo_id=args.push_to_hub,
+                force=args.force,
+            )
+            if args.hub_dir is not None:
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                print(f"wrote {folder}: {', '.join(files)}")
+            if args.out is not None:  # after the Hub folder, whose checks come first: a failed export writes nothing
+                _export_weights(Path(args.checkpoint), args.out)
+            if args.push_to_hub is not None:
+                url = hubs.push_hub_dir(folder, args.push_to_hub, token, args.private)
+                print(f"uploaded to {url}")
+    except (OSError, RuntimeError) as err:  # a model that needs the network, a failed upload, a full disk
+        raise SystemExit(str(err)) from err  # main prints it once, as "spar-cli export: error: ..."
     return Path(args.hub_dir) if args.hub_dir else Path(args.push_to_hub)
 
 
@@ -336,7 +346,7 @@ def tiny_data(argv: Sequence[str] | None = None) -> None:
     """``spar-cli tiny-data OUT``: generated train/val images for the tiny distillation config."""
     from spar_pl.testing import write_sample_images
 
-    parser = argparse.ArgumentParser(prog="spar-cli tiny-data", description=tiny_data.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli tiny-data", description=command_help(tiny_data.__doc__))
     parser.add_argument("out", nargs="?", default="data/tiny")
     parser.add_argument("--train", type=int, default=12)
     parser.add_argument("--val", type=int, default=4)
@@ -383,17 +393,10 @@ def cache(argv: Sequence[str] | None = None) -> dict[str, float]:
     return numbers
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argparse.ArgumentParser:
     """Arguments shared by ``segment`` and ``features``: inputs, output folder, model, mode, size."""
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=command_help(description))
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -411,13 +414,13 @@ def _inference_parser(prog: str, description: str, modes: Sequence[str]) -> argp
     parser.add_argument(
         "--mode", default="single", choices=(*modes, "sliding"), help="single pass or a sliding window (README)"
     )
-    parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
-    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
-    parser.add_argument("--max-side", type=_positive_int, default=None, help="downscale longer sides to this first")
+    parser.add_argument("--stride", type=positive_int, default=24, help="sliding-window stride")
+    parser.add_argument("--crop", type=positive_int, default=None, help="sliding-window side (default: native)")
+    parser.add_argument("--max-side", type=positive_int, default=None, help="downscale longer sides to this first")
     parser.add_argument(
         "--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"), help="autocast of the encoder"
     )
-    parser.add_argument("--dense", default=None, choices=RECIPES, help="maskclip backbones: last-block dense recipe")
+    parser.add_argument("--dense", default=None, choices=RECIPES, help=DENSE_HELP)
     return parser
 
 
@@ -546,15 +549,15 @@ def reproduce_tiny(argv: Sequence[str] | None = None) -> dict:
     """``spar-cli reproduce-tiny``: single pass vs sliding window vs SPAR with the shipped tiny pretrained model."""
     from spar_pl.reproduce import reproduce_tiny as run
 
-    parser = argparse.ArgumentParser(prog="spar-cli reproduce-tiny", description=reproduce_tiny.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli reproduce-tiny", description=command_help(reproduce_tiny.__doc__))
     parser.add_argument("--out", default="results", help="writes reproduce-tiny.md and reproduce-tiny.png here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--weights", default=None, help="pretrained tiny model (default: the shipped one)")
-    parser.add_argument("--eval-images", type=_positive_int, default=16, help="held-out 256 px scenes per seed")
-    parser.add_argument("--distill-steps", type=_positive_int, default=120)
-    parser.add_argument("--distill-batch", type=_positive_int, default=2)
+    parser.add_argument("--eval-images", type=positive_int, default=16, help="held-out 256 px scenes per seed")
+    parser.add_argument("--distill-steps", type=positive_int, default=120)
+    parser.add_argument("--distill-batch", type=positive_int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4, help="distillation learning rate")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--dense", default=None, choices=RECIPES, help="last-block recipe (reproduce-tiny-DENSE.md)")
     args = parser.parse_args(argv)
     check_writable(args.out, "output folder (--out)")  # before minutes of work
@@ -575,12 +578,12 @@ def pretrain_tiny(argv: Sequence[str] | None = None) -> Path:
     """``spar-cli pretrain-tiny``: re-create the shipped tiny pretrained model (``spar-tiny-p8`` on shape scenes)."""
     from spar_pl.reproduce import PRETRAIN_DEFAULTS, pretrain, shipped_weights
 
-    parser = argparse.ArgumentParser(prog="spar-cli pretrain-tiny", description=pretrain_tiny.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli pretrain-tiny", description=command_help(pretrain_tiny.__doc__))
     parser.add_argument("--out", default=None, help="safetensors file (default: the package's shipped weights)")
     parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"])
-    parser.add_argument("--steps", type=_positive_int, default=PRETRAIN_DEFAULTS["steps"])
-    parser.add_argument("--batch-size", type=_positive_int, default=PRETRAIN_DEFAULTS["batch_size"])
-    parser.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=positive_int, default=PRETRAIN_DEFAULTS["steps"])
+    parser.add_argument("--batch-size", type=positive_int, default=PRETRAIN_DEFAULTS["batch_size"])
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else shipped_weights()
@@ -615,7 +618,7 @@ def config(argv: Sequence[str] | None = None) -> str:
     distill/siglip2.yaml > my.yaml`` writes one to edit, self-contained (the fragments it reads written in place), so
     ``spar-cli fit --config my.yaml`` runs from any folder. ``--config configs/NAME`` works from any folder too: a
     path that does not exist there is read from the package."""
-    parser = argparse.ArgumentParser(prog="spar-cli config", description=config.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli config", description=command_help(config.__doc__))
     parser.add_argument("name", nargs="?", help="e.g. distill/siglip2.yaml, eval/voc21.yaml (configs/ optional)")
     args = parser.parse_args(argv)
     if args.name is None:
@@ -776,7 +779,7 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     names = ",".join([*LIGHTNING_COMMANDS, *COMMANDS])
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: spar-cli {" + names + "} [options]\n\n" + __doc__.strip())
+        print("usage: spar-cli {" + names + "} [options]\n\n" + command_help(__doc__.strip()))
         raise SystemExit(0)
     command = argv[0]
     configure_console()

@@ -193,6 +193,7 @@ def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Imag
     """The models of ``spar-cli demo``'s options: the shipped tiny model when no model is named (with generated
     shape scenes); a named model starts with ``scene`` (its classes and example image), if given."""
     from spar_pl.api import SPAR, load
+    from spar_pl.hub import HUB_SCHEMES
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shipped = all(v is None for v in (args.backbone, args.model_name, args.weights, args.pretrained))
@@ -214,7 +215,7 @@ def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Imag
         name = base.model_name
     student = None
     if args.student is not None:
-        if args.student.startswith(("hf-hub:", "local-dir:")):
+        if args.student.startswith(HUB_SCHEMES):
             student = load(args.student, device=device, precision=args.precision)
         else:  # the base model's architecture with the checkpoint's weights
             tag = None if shipped else pretrained
@@ -233,24 +234,19 @@ def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Imag
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Image] | None = None):
     """``spar-cli demo``: the browser demo (the shipped tiny model by default; the usual model options). ``scene``:
     the classes and example image a named model starts with."""
     from spar_pl.families import backbone_names
+    from spar_pl.runner import command_help, positive_int
 
-    parser = argparse.ArgumentParser(prog="spar-cli demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="spar-cli demo", description=command_help(__doc__.split("\n\n")[0]))
     parser.add_argument(
         "--backbone",
         default=None,
         choices=backbone_names(),
-        help="a paper preset or a family (default: the family of --model-name's model; no model either: siglip2)",
+        help="a paper preset or a family (default: the family of --model-name's model; nothing named: the shipped "
+        "tiny model spar-tiny-p8 on generated scenes)",
     )
     parser.add_argument("--model-name", default=None, help="open_clip name, hf-hub:ORG/NAME or local-dir:PATH")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the backbone's)")
@@ -259,11 +255,11 @@ def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Im
     parser.add_argument("--student", default=None, help="a SPAR checkpoint, or hf-hub:/local-dir: id of a student")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
-    parser.add_argument("--stride", type=_positive_int, default=24, help="sliding-window stride")
-    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window side (default: native)")
-    parser.add_argument("--max-side", type=_positive_int, default=512, help="the largest max side a user may pick")
-    parser.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="uploads over this are refused")
-    parser.add_argument("--max-file-mb", type=_positive_int, default=20, help="uploads over this are refused")
+    parser.add_argument("--stride", type=positive_int, default=24, help="sliding-window stride")
+    parser.add_argument("--crop", type=positive_int, default=None, help="sliding-window side (default: native)")
+    parser.add_argument("--max-side", type=positive_int, default=512, help="the largest max side a user may pick")
+    parser.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="uploads over this are refused")
+    parser.add_argument("--max-file-mb", type=positive_int, default=20, help="uploads over this are refused")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)

@@ -32,6 +32,8 @@ from spar_pl.families.base import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LEGACY_MEAN,
+    LEGACY_STD,
     SIGLIP_MEAN,
     SIGLIP_STD,
     DenseEncoder,
@@ -46,6 +48,7 @@ from spar_pl.families.dinotxt import (
     describe_state_dict,
 )
 from spar_pl.families.siglip import SigLIP2Encoder
+from spar_pl.hub import HUB_SCHEMES
 from spar_pl.recipes import check_recipe
 from spar_pl.weights import load_checkpoint, load_state_strict, read_state_dict
 
@@ -57,6 +60,8 @@ __all__ = [
     "DINOTXT_FILES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LEGACY_MEAN",
+    "LEGACY_STD",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "DenseEncoder",
@@ -70,13 +75,11 @@ __all__ = [
     "load_checkpoint",
     "read_state_dict",
     "shipped_weights",
+    "without_open_clip_random_notice",
 ]
 
 log = logging.getLogger(__name__)
 
-#: The mean and std of ``maskclip-legacy`` (the reference segmentor's default normalisation).
-LEGACY_MEAN = (0.5, 0.5, 0.5)
-LEGACY_STD = (0.5, 0.5, 0.5)
 
 #: Shipped pretrained weights of tiny models: ``<model name>-<what it learned>.safetensors``.
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -131,8 +134,9 @@ def build_encoder(
             (MaskCLIP's for ``clip``). Other families have one fixed dense path: a recipe there is an error.
 
     Raises:
-        ValueError: an unknown backbone, or a model whose vision tower the named backbone's family does not take; a
-            dense recipe for a family it does not apply to.
+        ValueError: an unknown backbone, an open_clip model name or pretrained tag open_clip does not know, or a
+            model whose vision tower the named backbone's family does not take; a dense recipe for a family it does
+            not apply to; a backbone that contradicts an exported model's config.
         FileNotFoundError: a weights, checkpoint or head-weights file that does not exist.
         RuntimeError: open_clip could not build the model (the message names it and the weights).
     """
@@ -140,13 +144,18 @@ def build_encoder(
         check_recipe(dense)
         if backbone is not None:  # a family known before building fails before any work
             check_dense_family(backbone_family(backbone), dense, backbone)
-    if model_name is not None and model_name.startswith(("hf-hub:", "local-dir:")):
+    if model_name is not None and model_name.startswith(HUB_SCHEMES):
         from spar_pl.hub import hub_encoder
 
         exported = hub_encoder(model_name, device)  # None: an ordinary open_clip model, built below
         if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
             if weights is not None or head_weights is not None:
                 raise ValueError(f"{model_name} holds its own weights: drop the weights files")
+            if backbone is not None and backbone not in (exported.backbone, exported.family):
+                raise ValueError(
+                    f"--backbone {backbone} contradicts {model_name}, exported as {exported.backbone!r} "
+                    f"({exported.family} family): drop the backbone"
+                )
             if dense is not None:
                 check_dense_family(get_family(exported.family), dense, model_name)
                 exported.dense = dense
@@ -201,7 +210,7 @@ def check_dense_family(family: Family, dense: str, label: str) -> None:
 
 
 @contextlib.contextmanager
-def _without_open_clip_random_notice():
+def without_open_clip_random_notice():
     """Drop open_clip's "No pretrained weights loaded" record (a root-logger warning) while it builds a model."""
 
     def keep(record: logging.LogRecord) -> bool:
@@ -261,11 +270,16 @@ def _build_open_clip(
     state = read_state_dict(weights) if weights is not None and not big_vision else None  # safe, before building
     source = f"weights file {weights}" if weights is not None else f"pretrained={pretrained!r}"
     fetch = weights is None and checkpoint is None
+    if not name.startswith(HUB_SCHEMES) and open_clip.get_model_config(name) is None:
+        raise ValueError(f"open_clip has no model {name!r}; spar-cli models lists the models each family takes")
+    if fetch and pretrained and not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(name, pretrained):
+        known = _tags_hint(name) or "; it has none (--pretrained none: random weights)"
+        raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for model {name!r}{known}")
     from spar_pl.offline import check_hub
 
     check_hub(name, pretrained if fetch else None)  # offline: one line at once, not a minute of retries
     try:
-        with _without_open_clip_random_notice():  # build_encoder says it once, or loads weights next
+        with without_open_clip_random_notice():  # build_encoder says it once, or loads weights next
             model = open_clip.create_model(
                 name, pretrained=pretrained if fetch else None, load_weights=fetch, device=device
             )

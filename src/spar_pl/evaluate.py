@@ -10,7 +10,6 @@ appends its numbers to ``results/<name>.json`` (:class:`~spar_pl.callbacks.Resul
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import time
 from datetime import datetime, timezone
@@ -24,10 +23,9 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from spar_pl.callbacks import ResultsFile
 from spar_pl.encoders import build_encoder
 from spar_pl.families import get_family
+from spar_pl.fileio import file_sha256
 from spar_pl.openvocab import OpenVocabHead, parse_classes
 from spar_pl.sliding import SEGMENT_MODES, check_window, resolve_mode
-
-_SHA256: dict[tuple[str, int, int], str] = {}
 
 
 def file_record(path: str | Path) -> dict:
@@ -37,15 +35,7 @@ def file_record(path: str | Path) -> dict:
     file = Path(path)
     if not file.is_file():
         return {"path": str(path), "sha256": None}
-    stat = file.stat()
-    key = (str(file.absolute()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        with file.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 22), b""):
-                digest.update(block)
-        _SHA256[key] = digest.hexdigest()
-    return {"path": key[0], "sha256": _SHA256[key]}
+    return {"path": str(file.absolute()), "sha256": file_sha256(file)}
 
 
 class SegEvalModule(L.LightningModule):

@@ -19,12 +19,8 @@ those ids. An id without a spar-pl config is an ordinary open_clip model and is 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,13 +82,9 @@ def read_checkpoint_record(path: str | Path) -> dict:
         FileNotFoundError: no such file.
         spar_pl.weights.CheckpointError: not a checkpoint, or unsafe.
     """
-    from spar_pl.weights import _torch_load, sniff_format
+    from spar_pl.weights import read_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    kind = sniff_format(path)
-    obj = {} if kind == "safetensors" else _torch_load(path, kind)
+    obj = read_checkpoint(path)
     obj = obj if isinstance(obj, dict) else {}
     record = {}
     for key in ("hyper_parameters", "datamodule_hyper_parameters"):
@@ -107,24 +99,26 @@ def read_checkpoint_record(path: str | Path) -> dict:
 # -- export -----------------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """The output folder of an export, refused when it exists and is not an empty folder (unless ``force``).
+def check_out_dir(out_dir: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """The output folder of an export, refused when it exists and is not an empty folder (unless ``force``), and
+    always when it holds the current folder or one of the export's ``inputs`` (``force`` would delete them).
 
     Raises:
-        ValueError: ``out_dir`` is a file, or a folder with files and ``force`` is off.
+        ValueError: ``out_dir`` is a file, a folder with files and ``force`` is off, the current folder or one above
+            it, or a folder holding an input file.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--hub-dir {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir():
+        return out
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ValueError(f"--hub-dir {out} holds the current folder; write the export to a folder of its own")
+    for path in inputs:
+        if resolved in Path(path).resolve().parents:
+            raise ValueError(f"--hub-dir {out} holds {path}, an input of the export; write it to another folder")
+    if any(out.iterdir()) and not force:
         raise ValueError(f"--hub-dir {out} exists and is not empty; pass --force to replace it")
     return out
 
@@ -309,11 +303,11 @@ def export_hub_dir(
     from spar_pl import __version__
     from spar_pl.encoders import build_encoder
     from spar_pl.families import BACKBONES, backbone_family
-    from spar_pl.fileio import save_safetensors, write_text
+    from spar_pl.fileio import atomic_dir, file_sha256, save_safetensors, write_text
     from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
     path = Path(checkpoint)
-    out = check_out_dir(out_dir, force)
+    out = check_out_dir(out_dir, force, [path, *results])
     results_text = results_table(results)  # a bad results file fails before the model is built
     state = read_state_dict(path)
     prefix = strip_layout(state, set())[1]
@@ -365,12 +359,10 @@ def export_hub_dir(
         },
         "data": data,
         "datasets": [d for d in [_hub_dataset(data.get("train_source"))] if d],
-        "source": {"checkpoint": path.name, "layout": LAYOUTS[prefix], "sha256": _sha256(path)},
+        "source": {"checkpoint": path.name, "layout": LAYOUTS[prefix], "sha256": file_sha256(path)},
     }
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         save_safetensors(weights, tmp / OPEN_CLIP_WEIGHTS, {"format": "pt"})
         config = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(encoder)}
         write_text(tmp / OPEN_CLIP_CONFIG, json.dumps(config, indent=2) + "\n")
@@ -378,34 +370,7 @@ def export_hub_dir(
         write_text(tmp / "README.md", model_card(spar_config, repo_id, license_id, results_text, out.name))
         if hasattr(encoder.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer (SigLIP2): as open_clip saves it
             encoder.tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".old"))
-    os.replace(dst, old / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- loading by id ----------------------------------------------------------------------------------------------------
@@ -432,7 +397,11 @@ def resolve_model_id(model_name: str) -> Path | None:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    from spar_pl.offline import cached, hub_unreachable
+
     repo_id = model_name[len("hf-hub:") :]
+    if not cached(repo_id) and hub_unreachable() is not None:
+        return None  # the build's check_hub says so in one line, without huggingface_hub's retries and warnings
     try:
         config = Path(hf_hub_download(repo_id, SPAR_CONFIG))
     except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError):  # no such file or repo; offline, not cached
@@ -445,9 +414,10 @@ def read_spar_config(folder: str | Path) -> dict:
     """The spar-pl config of an exported folder, checked.
 
     Raises:
-        ValueError: not valid JSON, another format, or an unknown backbone.
+        ValueError: not valid JSON, another format, an unknown backbone or dense recipe, or no mean and std.
     """
     from spar_pl.families import backbone_names
+    from spar_pl.recipes import RECIPES
 
     path = Path(folder) / SPAR_CONFIG
     try:
@@ -460,6 +430,16 @@ def read_spar_config(folder: str | Path) -> dict:
         raise ValueError(
             f"{path}: unknown backbone {config.get('backbone')!r}; choose one of {', '.join(backbone_names())}"
         )
+    for key in ("mean", "std"):
+        value = config.get(key)
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        if not numbers or len(value) != 3:
+            raise ValueError(f"{path}: {key} must be a list of 3 numbers, got {value!r}")
+    dense = config.get("dense")
+    if dense is not None and dense not in RECIPES:
+        raise ValueError(f"{path}: unknown dense recipe {dense!r}; choose one of {', '.join(RECIPES)} or null")
     return config
 
 
@@ -474,6 +454,7 @@ def hub_encoder(model_name: str, device: str | torch.device = "cpu"):
     """
     import open_clip
 
+    from spar_pl.encoders import without_open_clip_random_notice
     from spar_pl.families import backbone_family
     from spar_pl.weights import load_state_strict, read_state_dict
 
@@ -487,12 +468,15 @@ def hub_encoder(model_name: str, device: str | torch.device = "cpu"):
         from spar_pl.testing import register_tiny_models
 
         register_tiny_models()
+    weights = folder / OPEN_CLIP_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
     local = f"local-dir:{folder}"
     try:
-        model = open_clip.create_model(local, load_weights=False, device=device)
+        with without_open_clip_random_notice():  # the weights are loaded strictly next
+            model = open_clip.create_model(local, load_weights=False, device=device)
     except Exception as err:
         raise ValueError(f"could not build the open_clip model of {model_name} from {folder}: {err}") from err
-    weights = folder / OPEN_CLIP_WEIGHTS
     load_state_strict(model, read_state_dict(weights), f"weights file {weights}", model_name, backbone)
     try:
         tokenizer, tokenizer_error = open_clip.get_tokenizer(local), None

@@ -8,9 +8,11 @@ before any work, ``--ckpt_path last`` resumed in the same run). The shipped YAML
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -22,6 +24,19 @@ from pathlib import Path
 CONFIGS = "configs"
 _files = contextlib.ExitStack()  # packaged files made available as paths, for the life of the process
 atexit.register(_files.close)
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def command_help(doc: str) -> str:
+    """A docstring as ``--help`` shows it: Sphinx roles (``:func:`x```) and double backquotes dropped."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")
 
 
 def config_path(name: str | Path) -> Path:

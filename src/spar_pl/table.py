@@ -13,7 +13,7 @@ from pathlib import Path
 
 from spar_pl.callbacks import read_results
 from spar_pl.fileio import write_text
-from spar_pl.runner import config_path, run_lightning
+from spar_pl.runner import command_help, config_path, run_lightning
 
 #: Column order of the paper's tables (``docs/method.md`` section 5) and their headers.
 TABLE_COLUMNS = {
@@ -233,7 +233,7 @@ def table_command(argv=None) -> str:
     """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="spar-cli table", description=table_command.__doc__)
+    parser = argparse.ArgumentParser(prog="spar-cli table", description=command_help(table_command.__doc__))
     parser.add_argument(
         "--backbone", default="siglip2", help="a config in configs/backbones/ (siglip2, maskclip, dinov3txt, ...)"
     )

@@ -31,6 +31,7 @@ __all__ = [
     "describe_keys",
     "load_checkpoint",
     "load_state_strict",
+    "read_checkpoint",
     "read_state_dict",
     "sniff_format",
     "strip_layout",
@@ -116,12 +117,29 @@ def _torch_load(path: Path, kind: str) -> object:
         raise CheckpointError(f"{path}: cannot be read safely ({reason}); {_CONVERT}") from err
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weight file: a safetensors file, or a PyTorch/Lightning file (its ``state_dict`` if present).
+def _check_zip_records(path: Path) -> None:
+    """Raise :class:`CheckpointError` when a record of a PyTorch zip file does not match its CRC-32: a file damaged
+    inside its data, which PyTorch reads without complaint. Records saved without a CRC (stored as 0: PyTorch's
+    ``compute_crc32`` off) are not checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                with archive.open(info) as record:  # reading to the end checks the CRC
+                    while record.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: a damaged PyTorch (zip) file ({err})") from err
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """The whole content of a weight file, read safely: a safetensors file's tensors, or what a PyTorch/Lightning
+    file holds (non-tensor globals as inert placeholders).
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: not a checkpoint, unsafe, damaged, or holding no state dict of tensors.
+        CheckpointError: not a checkpoint, unsafe or damaged.
     """
     path = Path(path)
     if not path.is_file():
@@ -131,13 +149,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if kind == "safetensors":
             from safetensors.torch import load_file
 
-            obj: object = load_file(str(path))
-        else:
-            obj = _torch_load(path, kind)
+            return load_file(str(path))
+        if kind == "zip":
+            _check_zip_records(path)
+        return _torch_load(path, kind)
     except CheckpointError:
         raise
     except Exception as err:  # damaged files raise many kinds (struct.error, EOFError, SafetensorError, ...)
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file: a safetensors file, or a PyTorch/Lightning file (its ``state_dict`` if present).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a checkpoint, unsafe, damaged, or holding no state dict of tensors.
+    """
+    obj = read_checkpoint(path)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")

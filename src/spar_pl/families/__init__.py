@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from spar_pl.families.base import DenseEncoder
+from spar_pl.families.base import LEGACY_MEAN, LEGACY_STD, DenseEncoder
 from spar_pl.families.registry import (
     Family,
     config_geometry,
@@ -52,8 +52,8 @@ BACKBONES: dict[str, dict] = {
         "family": "clip",
         "model_name": "ViT-B-16",
         "pretrained": "laion2b_s34b_b88k",
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
+        "mean": LEGACY_MEAN,
+        "std": LEGACY_STD,
     },
     "siglip2": {"family": "siglip", "model_name": "hf-hub:timm/ViT-B-16-SigLIP2-512", "pretrained": None},
     "dinov3txt": {"family": "dinotxt", "model_name": "dinov3_vitl16_dinotxt_tet1280d20h24l", "pretrained": None},

@@ -18,6 +18,8 @@ __all__ = [
     "CLIP_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LEGACY_MEAN",
+    "LEGACY_STD",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "DenseEncoder",
@@ -29,6 +31,9 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The mean and std of ``maskclip-legacy`` (the reference segmentor's default normalisation).
+LEGACY_MEAN = (0.5, 0.5, 0.5)
+LEGACY_STD = (0.5, 0.5, 0.5)
 
 
 class DenseEncoder(nn.Module):
