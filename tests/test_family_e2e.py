@@ -1,5 +1,6 @@
-"""The clip and siglip families at other geometries end to end: patch 14 (SigLIP at a pretraining size the patch does
-not divide) and patch 32, named by model alone, through fit -> export -> test -> segment -> features."""
+"""Families and geometries end to end, each tiny twin named by model alone: patch 14 (SigLIP at a pretraining size the
+patch does not divide), patch 32, and the Eva-trunk families (EVA02-CLIP, the Perception Encoder), through fit ->
+export -> test -> segment -> features."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from spar_pl.testing import TINY_GEOMETRIES, write_sample_images, write_tiny_ben
 from .helpers import fit_args
 
 
-@pytest.mark.parametrize("name", ["spar-tiny-clip-p14", "spar-tiny-sl2-p14", "spar-tiny-clip-p32"])
+@pytest.mark.parametrize(
+    "name", ["spar-tiny-clip-p14", "spar-tiny-sl2-p14", "spar-tiny-clip-p32", "spar-tiny-eva02", "spar-tiny-pe"]
+)
 def test_fit_export_test_segment_features(name, tmp_path):
     family, patch, native = TINY_GEOMETRIES[name]
     crop = native // patch * patch
@@ -73,8 +76,10 @@ def test_fit_export_test_segment_features(name, tmp_path):
     assert (tmp_path / "s" / "a_overlay.png").is_file() and (tmp_path / "s" / "a_labels.png").is_file()
     main(["features", str(tmp_path / "a.png"), *common, "--mode", "sliding", "--out", str(tmp_path / "f")])
     with safe_open(str(tmp_path / "f" / "a.safetensors"), "pt") as fh:
-        assert fh.get_tensor("features").shape[-2:] == (60 // patch, 90 // patch)
+        assert fh.get_tensor("features").shape[1:] == (student.embed_dim, 60 // patch, 90 // patch)
         assert fh.metadata()["crop"] == str(crop) and fh.metadata()["patch_size"] == str(patch)
 
     spar = spar_pl.load(model_name=name, checkpoint=exported, device="cpu")
-    assert spar.segment(Image.open(tmp_path / "a.png"), ["sky", "grass"]).mask.shape == (60, 90)
+    result = spar.segment(Image.open(tmp_path / "a.png"), ["sky", "grass"])
+    assert result.mask.shape == (60, 90) and set(result.present()) <= {"sky", "grass"}
+    assert tuple(spar.features(Image.open(tmp_path / "a.png")).shape[-2:]) == spar.encoder.grid_size(60, 90)
