@@ -173,7 +173,7 @@ def build_encoder(
             raise FileNotFoundError(f"weights file for backbone {label!r} not found: {path}")
     if head_weights is not None and (family is None or family.build is None):
         raise ValueError(f"head_weights is for backbone 'dinov3txt' only, not {label!r}")
-    defaults = _defaults(backbone, family)
+    defaults = backbone_defaults(backbone, family)
     if family is not None and family.build is not None:
         name = model_name or defaults["model_name"]
         encoder = family.build(name, pretrained, weights, head_weights, checkpoint is not None)
@@ -229,7 +229,9 @@ def _builder_family(model_name: str) -> Family | None:
     return next((f for f in families() if f.build is not None and model_name in f.model_names), None)
 
 
-def _defaults(backbone: str | None, family: Family | None) -> dict:
+def backbone_defaults(backbone: str | None, family: Family | None) -> dict:
+    """The default ``model_name`` and ``pretrained`` tag (and, for a preset that sets one, the normalisation) of a
+    paper preset, else of ``family``; ``{}`` when neither is known."""
     if backbone in BACKBONES:
         return BACKBONES[backbone]
     if family is None:

@@ -301,8 +301,8 @@ def export_hub_dir(
     import open_clip
 
     from spar_pl import __version__
-    from spar_pl.encoders import build_encoder
-    from spar_pl.families import BACKBONES, backbone_family
+    from spar_pl.encoders import backbone_defaults, build_encoder
+    from spar_pl.families import backbone_family
     from spar_pl.fileio import atomic_dir, file_sha256, save_safetensors, write_text
     from spar_pl.weights import LAYOUTS, read_state_dict, strip_layout
 
@@ -314,17 +314,14 @@ def export_hub_dir(
     record = read_checkpoint_record(path)
     hp = record["hyper_parameters"] if prefix == "student.model." else {}
     backbone = _choose_backbone(list(state), hp, backbone, path)
-    family = backbone_family(backbone) if backbone is not None else None
-    preset = BACKBONES.get(backbone, {})
-    default_model = preset.get("model_name") or (family.default_model if family is not None else None)
-    model_name = model_name or hp.get("model_name") or default_model
+    defaults = backbone_defaults(backbone, backbone_family(backbone) if backbone is not None else None)
+    model_name = model_name or hp.get("model_name") or defaults.get("model_name")
     encoder = build_encoder(backbone, model_name, pretrained=None, checkpoint=path)
     backbone = encoder.backbone
+    defaults = backbone_defaults(backbone, backbone_family(backbone))
     pretrained = hp.get("pretrained", "default")
     if pretrained == "default":  # the tag of the preset's or family's default model; none for another model
-        family = backbone_family(backbone)
-        default_tag = preset.get("pretrained") if preset else family.default_pretrained
-        pretrained = default_tag if model_name == (preset.get("model_name") or family.default_model) else None
+        pretrained = defaults["pretrained"] if model_name == defaults["model_name"] else None
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
         raise ValueError(f"open_clip has no config for model {model_name!r}; pass --model-name")
