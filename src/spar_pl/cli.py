@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spar_pl.encoders import BACKBONES
+from spar_pl.encoders import backbone_defaults
 from spar_pl.families import backbone_family, backbone_names
 from spar_pl.images import read_image, to_pil
 from spar_pl.recipes import RECIPES
@@ -105,7 +105,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict[str, float]:
         name = args.model_name or (
             TINY_MODELS[args.backbone]
             if args.weights is None
-            else BACKBONES.get(args.backbone, {}).get("model_name") or backbone_family(args.backbone).default_model
+            else backbone_defaults(args.backbone, backbone_family(args.backbone))["model_name"]
         )
         pretrained = args.pretrained if args.pretrained is not None else "default"
         weights = args.weights
