@@ -147,7 +147,7 @@ def load(
         head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         precision: Lightning's names: ``32-true`` (float32), ``bf16-mixed`` or ``16-mixed`` (autocast around the
             encoder and the sliding window; the text similarity and mask rule stay float32).
-        dense: the last block's dense recipe for ``maskclip`` backbones (``maskclip``, ``sclip``, ``clearclip``,
+        dense: the clip family's last-block dense recipe (``maskclip``, ``sclip``, ``clearclip``,
             ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own.
 
     Raises:

@@ -45,7 +45,7 @@ class DistillModule(L.LightningModule):
         teacher_cache: a teacher-feature cache folder (``spar-cli cache`` fills it); ``None`` runs the teacher
             in every training step. Entries missing, corrupt or written under another configuration are
             recomputed and rewritten. Needs the data module's ``fixed`` augmentation and batch size 1.
-        dense: ``maskclip`` backbones: the last block's dense recipe of teacher and student alike (``maskclip``,
+        dense: the clip family's last-block dense recipe, for teacher and student alike (``maskclip``,
             ``sclip``, ``clearclip``, ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own.
     """
 
