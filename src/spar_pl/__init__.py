@@ -6,11 +6,12 @@ features (:mod:`spar_pl.encoders`); features -> text similarity -> mask (:mod:`s
 
 __version__ = "0.1.0"
 
-__all__ = ["SPAR", "load"]
+__all__ = ["SPAR", "ModelSpec", "load"]
 
 
 def __getattr__(name: str):
-    """``spar_pl.load`` and ``spar_pl.SPAR``, imported on first use so that ``import spar_pl`` stays light."""
+    """``spar_pl.load``, ``spar_pl.SPAR`` and ``spar_pl.ModelSpec``, imported on first use (``import spar_pl`` stays
+    light)."""
     if name in __all__:
         from spar_pl import api
 

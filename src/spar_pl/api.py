@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.encoders import DenseEncoder, ModelSpec, model_spec
 from spar_pl.fileio import safetensors_writer, save_safetensors
-from spar_pl.hub import HUB_SCHEMES
 from spar_pl.images import (
     IMAGE_SUFFIXES,
     ImageInput,
@@ -46,6 +45,7 @@ from spar_pl.sliding import FEATURE_MODES, SEGMENT_MODES, check_window, dense_fe
 
 __all__ = [
     "SPAR",
+    "ModelSpec",
     "ImageInputError",
     "Segmentation",
     "collect_images",
@@ -118,61 +118,36 @@ class Segmentation:
 
 
 def load(
-    backbone: str | None = None,
-    checkpoint: str | Path | None = None,
+    spec: ModelSpec | str | None = None,
+    *,
     device: str | torch.device | None = None,
-    model_name: str | None = None,
-    pretrained: str | None = "default",
-    weights: str | Path | None = None,
-    head_weights: str | Path | None = None,
     precision: str = "32-true",
-    dense: str | None = None,
+    **fields,
 ) -> SPAR:
-    """Build a SPAR model for inference.
+    """Build a SPAR model for inference: ``load("siglip2", checkpoint="spar_siglip2.ckpt")``.
 
     Args:
-        backbone: a paper preset (``siglip2``, ``maskclip``, ``maskclip-legacy``, ``dinov3txt``) or a family name;
-            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``). An
-            ``hf-hub:ORG/NAME`` / ``local-dir:PATH`` id of an exported student is taken as ``model_name``.
-        checkpoint: a SPAR checkpoint (authors' ``.ckpt``, ``spar-cli fit`` checkpoint or ``spar-cli export``
-            safetensors), loaded strictly; ``None`` keeps the pretrained (not distilled) weights.
+        spec: a :class:`~spar_pl.encoders.ModelSpec`, a backbone (a paper preset, ``siglip2``, ``maskclip``,
+            ``maskclip-legacy``, ``dinov3txt``, or a family name) or an ``hf-hub:ORG/NAME`` / ``local-dir:PATH`` id
+            of an exported student.
         device: ``cuda`` when available, else ``cpu``, by default.
-        model_name: open_clip name or ``hf-hub:`` id; the backbone's default model if ``None``
-            (``spar-tiny-sl2`` / ``spar-tiny-clip`` / ``spar-tiny-dinotxt`` build tiny random models for tests).
-            A SPAR student exported with ``spar-cli export --hub-dir`` loads by ``hf-hub:ORG/NAME`` (online, or
-            from the Hugging Face cache with ``HF_HUB_OFFLINE=1``) or ``local-dir:PATH``, with the backbone and
-            dense semantics of its spar-pl config (``backbone`` is then not used).
-        pretrained: open_clip pretrained tag (``"default"``: the backbone's own).
-        weights: a local open_clip weights file, for offline use; for ``dinov3txt`` the DINOv3 backbone file.
-        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         precision: Lightning's names: ``32-true`` (float32), ``bf16-mixed`` or ``16-mixed`` (autocast around the
             encoder and the sliding window; the text similarity and mask rule stay float32).
-        dense: the clip family's last-block dense recipe (``maskclip``, ``sclip``, ``clearclip``,
-            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own.
+        fields: :class:`~spar_pl.encoders.ModelSpec` fields set over ``spec``: ``model_name``, ``pretrained``,
+            ``weights``, ``head_weights``, ``checkpoint`` (a SPAR checkpoint, loaded strictly; none keeps the
+            pretrained, not distilled, weights), ``dense`` (the clip family's last-block recipe).
 
     Raises:
         FileNotFoundError: the checkpoint or weights file does not exist (the message names it).
         ValueError: the checkpoint is unreadable or does not match the model.
     """
-    if model_name is None and backbone is not None and backbone.startswith(HUB_SCHEMES):
-        backbone, model_name = None, backbone  # load("hf-hub:ORG/NAME"): the export's spar-pl config sets the backbone
-    for kind, path in (("checkpoint", checkpoint), ("weights file", weights), ("head weights file", head_weights)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{kind} not found: {path}")
+    spec = model_spec(spec, **fields)
+    spec.check_files()
     autocast(precision, "cpu")  # an unknown precision fails before the model is built
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = build_encoder(
-        backbone,
-        model_name,
-        pretrained,
-        weights=weights,
-        device=device,
-        checkpoint=checkpoint,
-        head_weights=head_weights,
-        dense=dense,
-    )
-    return SPAR(encoder, encoder.backbone or backbone, checkpoint=checkpoint, precision=precision)
+    encoder = spec.build(device)
+    return SPAR(encoder, encoder.backbone, checkpoint=spec.checkpoint, precision=precision)
 
 
 #: Inference precisions, by Lightning's names.

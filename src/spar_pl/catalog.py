@@ -8,14 +8,11 @@ open_clip offers (``open_clip.list_pretrained()``); families building their own 
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-
 import open_clip
 
 from spar_pl.families import config_geometry, families, family_of_config, get_family
 
-__all__ = ["format_catalog", "model_catalog", "models_command"]
+__all__ = ["format_catalog", "model_catalog", "models"]
 
 
 def _crop(patch: int | None, native: int | None) -> int | None:
@@ -78,18 +75,19 @@ def format_catalog(rows: list[dict]) -> str:
     return "\n".join(lines[1:]) + "\n"
 
 
-def models_command(argv: Sequence[str] | None = None) -> str:
-    """``spar-cli models [--family F] [--all]``: the backbone families and the open_clip models and pretrained tags
-    each takes, with patch, pretraining (native) size and default teacher crop; offline, nothing is built."""
-    from spar_pl.runner import command_help
+def models(family: str | None = None, all: bool = False) -> str:
+    """The backbone families and the open_clip models and pretrained tags each takes, with patch, pretraining
+    (native) size and default teacher crop, printed and returned (``spar-cli models``); offline, nothing is built.
 
-    parser = argparse.ArgumentParser(prog="spar-cli models", description=command_help(models_command.__doc__))
-    parser.add_argument("--family", choices=[f.name for f in families()], help="only this family")
-    parser.add_argument("--all", action="store_true", help="also open_clip models without a pretrained tag")
-    args = parser.parse_args(argv)
-    text = format_catalog(model_catalog(args.family, args.all))
+    Args:
+        family: only this family (``clip``, ``siglip``, ``dinotxt``, ``eva02``, ``pe``).
+        all: also open_clip models without a pretrained tag.
+    """
+    if family is not None:
+        get_family(family)  # an unknown family: one line naming the known ones
+    text = format_catalog(model_catalog(family, all))
     others = unsupported_models()
-    if args.family is None and others:
+    if family is None and others:
         text += f"\nno family takes {len(others)} tagged open_clip models (ResNets, CoCa, ...): {', '.join(others)}\n"
     print(text, end="")
     return text

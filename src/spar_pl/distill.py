@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from spar_pl.cache import TeacherCache, weights_fingerprint
 from spar_pl.callbacks import DataEpoch, SkippedImages
 from spar_pl.data import with_multiple
-from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.encoders import DenseEncoder, ModelSpec
 from spar_pl.images import READER_VERSION
 from spar_pl.sliding import SlidingWindowTeacher
 
@@ -28,13 +28,11 @@ TRAIN_LOSS_KEY = "train_loss_sums"
 class DistillModule(L.LightningModule):
     """Distil the sliding-window teacher into the single-pass student.
 
+    The student is the model its :class:`~spar_pl.encoders.ModelSpec` fields name (``backbone``, ``model_name``,
+    ``pretrained``, ``weights``, ``head_weights``, ``checkpoint``, ``dense``: flat keys under ``model.init_args``);
+    the teacher is a frozen copy of it as built (``dense``: the recipe of both).
+
     Args:
-        backbone: a paper preset (``maskclip``, ``maskclip-legacy``, ``siglip2``, ``dinov3txt``) or a family name;
-            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``).
-        model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
-        pretrained: open_clip pretrained tag (``"default"``: the backbone's).
-        weights: local open_clip weights file (offline); for ``dinov3txt`` the DINOv3 backbone file.
-        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
         crop: teacher window side (default: the largest multiple of the student's patch within the model's
             pretraining size, e.g. 378 for a 384 px, patch-14 model).
         stride: teacher window stride (the paper: 24).
@@ -45,17 +43,11 @@ class DistillModule(L.LightningModule):
         teacher_cache: a teacher-feature cache folder (``spar-cli cache`` fills it); ``None`` runs the teacher
             in every training step. Entries missing, corrupt or written under another configuration are
             recomputed and rewritten. Needs the data module's ``fixed`` augmentation and batch size 1.
-        dense: the clip family's last-block dense recipe, for teacher and student alike (``maskclip``,
-            ``sclip``, ``clearclip``, ``naclip``; :mod:`spar_pl.recipes`); ``None``: the backbone's own.
+        model: the :class:`~spar_pl.encoders.ModelSpec` fields of the student.
     """
 
     def __init__(
         self,
-        backbone: str | None = None,
-        model_name: str | None = None,
-        pretrained: str | None = "default",
-        weights: str | None = None,
-        head_weights: str | None = None,
         crop: int | None = None,
         stride: int = 24,
         window_batch: int = 16,
@@ -63,13 +55,13 @@ class DistillModule(L.LightningModule):
         lr: float = 2e-5,
         weight_decay: float = 1e-4,
         teacher_cache: str | None = None,
-        dense: str | None = None,
+        **model,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.student: DenseEncoder = build_encoder(
-            backbone, model_name, pretrained=pretrained, weights=weights, head_weights=head_weights, dense=dense
-        )
+        #: the student's model (the teacher is a frozen copy of it as built)
+        self.spec = ModelSpec(**model)
+        self.student: DenseEncoder = self.spec.build()
         self.trainable_names = self.student.set_trainable(trainable)
         # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
         model = self.student.model
@@ -146,8 +138,8 @@ class DistillModule(L.LightningModule):
             "precision": str(precision),  # the trainer precision the teacher ran under (its autocast)
             "reader": READER_VERSION,  # how the images were decoded
         }
-        if hp.dense not in (None, "maskclip"):  # another last block: other teacher features
-            manifest["dense"] = hp.dense
+        if self.spec.dense not in (None, "maskclip"):  # another last block: other teacher features
+            manifest["dense"] = self.spec.dense
         return TeacherCache(hp.teacher_cache, manifest, owner)
 
     def setup(self, stage: str) -> None:

@@ -19,7 +19,9 @@ The paper's three backbones, with the exact semantics of the SPAR reference (``d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -68,11 +70,13 @@ __all__ = [
     "DinoTxtEncoder",
     "DinoTxtModel",
     "MaskCLIPEncoder",
+    "ModelSpec",
     "SigLIP2Encoder",
     "build_dinotxt",
     "build_encoder",
     "describe_state_dict",
     "load_checkpoint",
+    "model_spec",
     "read_state_dict",
     "shipped_weights",
     "without_open_clip_random_notice",
@@ -92,17 +96,13 @@ def shipped_weights(model_name: str) -> Path | None:
     return next(iter(sorted(PRETRAINED_DIR.glob(f"{model_name}-*.safetensors"))), None)
 
 
-def build_encoder(
-    backbone: str | None = None,
-    model_name: str | None = None,
-    pretrained: str | None = "default",
-    weights: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    checkpoint: str | Path | None = None,
-    head_weights: str | Path | None = None,
-    dense: str | None = None,
-) -> DenseEncoder:
-    """Build a dense encoder the way users name models.
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, as users name it: the one description of a model that :func:`build_encoder`,
+    :func:`spar_pl.load`, :class:`~spar_pl.distill.DistillModule`, :class:`~spar_pl.evaluate.SegEvalModule`, the demo
+    and the ``spar-cli`` commands share. Its fields are their model options: keyword arguments in Python, flat keys
+    under ``model.init_args`` in configs, ``--backbone``, ``--model-name``, ... on the command line. How a model runs
+    (device, precision) is not part of it.
 
     Args:
         backbone: a paper preset of :data:`BACKBONES` (``maskclip``, ``maskclip-legacy`` (mean = std = 0.5, for
@@ -122,7 +122,6 @@ def build_encoder(
         weights: a local open_clip weights file (``.safetensors``, ``.pt``, ``.bin``), for offline use;
             overrides ``pretrained``. For ``dinov3txt``: the DINOv3 ViT-L/16 backbone file
             (``dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth``).
-        device: where to put the model.
         checkpoint: a SPAR checkpoint loaded strictly over the whole model
             (:func:`spar_pl.weights.load_checkpoint`, never unpickling code): the authors' Lightning ``.ckpt``
             (``segmentor.net.model.`` + the model's keys), a ``spar-cli fit`` checkpoint, a ``spar-cli export``
@@ -134,69 +133,131 @@ def build_encoder(
             (MaskCLIP's for ``clip``). Other families have one fixed dense path: a recipe there is an error.
 
     Raises:
-        ValueError: an unknown backbone, an open_clip model name or pretrained tag open_clip does not know, or a
-            model whose vision tower the named backbone's family does not take; a dense recipe for a family it does
-            not apply to; a backbone that contradicts an exported model's config.
-        FileNotFoundError: a weights, checkpoint or head-weights file that does not exist.
-        RuntimeError: open_clip could not build the model (the message names it and the weights).
+        ValueError: an unknown backbone or dense recipe, or a recipe for a named family it does not apply to (at
+            construction, before any work).
     """
-    if dense is not None:
-        check_recipe(dense)
-        if backbone is not None:  # a family known before building fails before any work
-            check_dense_family(backbone_family(backbone), dense, backbone)
-    if model_name is not None and model_name.startswith(HUB_SCHEMES):
-        from spar_pl.hub import hub_encoder
 
-        exported = hub_encoder(model_name, device)  # None: an ordinary open_clip model, built below
-        if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
-            if weights is not None or head_weights is not None:
-                raise ValueError(f"{model_name} holds its own weights: drop the weights files")
-            if backbone is not None and backbone not in (exported.backbone, exported.family):
-                raise ValueError(
-                    f"--backbone {backbone} contradicts {model_name}, exported as {exported.backbone!r} "
-                    f"({exported.family} family): drop the backbone"
-                )
-            if dense is not None:
-                check_dense_family(get_family(exported.family), dense, model_name)
-                exported.dense = dense
-            if checkpoint is not None:
-                load_checkpoint(exported, checkpoint)
-            return exported
-    if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
-        pretrained = None  # the command line's and the configs' spelling of "no pretrained weights"
-    if backbone is None and model_name is None:
-        backbone = "siglip2"
-    family = backbone_family(backbone) if backbone is not None else _builder_family(model_name)
-    label = backbone or model_name
-    for path in (weights, checkpoint, head_weights):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"weights file for backbone {label!r} not found: {path}")
-    if head_weights is not None and (family is None or family.build is None):
-        raise ValueError(f"head_weights is for backbone 'dinov3txt' only, not {label!r}")
-    defaults = backbone_defaults(backbone, family)
-    if family is not None and family.build is not None:
-        name = model_name or defaults["model_name"]
-        encoder = family.build(name, pretrained, weights, head_weights, checkpoint is not None)
-        encoder.to(device)
-        loaded = weights is not None
-    else:
-        encoder, loaded = _build_open_clip(
-            backbone, family, defaults, model_name, pretrained, weights, device, checkpoint
-        )
-    encoder.backbone = backbone or encoder.family
-    if dense is not None:
-        check_dense_family(get_family(encoder.family), dense, backbone or encoder.model_name)
-        encoder.dense = dense
-    if checkpoint is not None:
-        load_checkpoint(encoder, checkpoint)
-    elif not loaded:
-        log.warning(
-            "%s: random weights (%s family; no pretrained tag, weights file or checkpoint): features mean nothing%s",
-            encoder.model_name,
-            encoder.family,
-            _tags_hint(encoder.model_name),
-        )
-    return encoder
+    backbone: str | None = None
+    model_name: str | None = None
+    pretrained: str | None = "default"
+    weights: str | None = None
+    head_weights: str | None = None
+    checkpoint: str | None = None
+    dense: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_name is None and self.backbone is not None and self.backbone.startswith(HUB_SCHEMES):
+            # ModelSpec("hf-hub:ORG/NAME"): an exported student, whose spar-pl config sets the backbone
+            object.__setattr__(self, "model_name", self.backbone)
+            object.__setattr__(self, "backbone", None)
+        if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "null", ""):
+            object.__setattr__(self, "pretrained", None)  # the command line's and configs' spelling of "random"
+        family = backbone_family(self.backbone) if self.backbone is not None else None  # unknown: ValueError
+        if self.dense is not None:
+            check_recipe(self.dense)
+            if family is not None:  # a family known before building fails before any work
+                check_dense_family(family, self.dense, self.backbone)
+
+    def check_files(self) -> None:
+        """``FileNotFoundError`` naming the first weights, head-weights or checkpoint file that does not exist."""
+        files = {"checkpoint": self.checkpoint, "weights file": self.weights, "head weights file": self.head_weights}
+        for kind, path in files.items():
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{kind} not found: {path}")
+
+    def build(self, device: str | torch.device = "cpu") -> DenseEncoder:
+        """The dense encoder this names, on ``device``; a model built without any weights says "random weights" in
+        one logged warning.
+
+        Raises:
+            ValueError: an open_clip model name or pretrained tag open_clip does not know, a model whose vision tower
+                the named backbone's family does not take, a dense recipe for a family it does not apply to, or a
+                backbone that contradicts an exported model's config.
+            FileNotFoundError: a weights, checkpoint or head-weights file that does not exist (:meth:`check_files`).
+            RuntimeError: open_clip could not build the model (the message names it and the weights).
+        """
+        backbone, model_name, pretrained = self.backbone, self.model_name, self.pretrained
+        weights, head_weights, checkpoint, dense = self.weights, self.head_weights, self.checkpoint, self.dense
+        self.check_files()
+        if model_name is not None and model_name.startswith(HUB_SCHEMES):
+            from spar_pl.hub import hub_encoder
+
+            exported = hub_encoder(model_name, device)  # None: an ordinary open_clip model, built below
+            if exported is not None:  # a spar-pl export: its spar-pl config sets the backbone and the dense semantics
+                if weights is not None or head_weights is not None:
+                    raise ValueError(f"{model_name} holds its own weights: drop the weights files")
+                if backbone is not None and backbone not in (exported.backbone, exported.family):
+                    raise ValueError(
+                        f"--backbone {backbone} contradicts {model_name}, exported as {exported.backbone!r} "
+                        f"({exported.family} family): drop the backbone"
+                    )
+                if dense is not None:
+                    check_dense_family(get_family(exported.family), dense, model_name)
+                    exported.dense = dense
+                if checkpoint is not None:
+                    load_checkpoint(exported, checkpoint)
+                return exported
+        if backbone is None and model_name is None:
+            backbone = "siglip2"
+        family = backbone_family(backbone) if backbone is not None else _builder_family(model_name)
+        label = backbone or model_name
+        if head_weights is not None and (family is None or family.build is None):
+            raise ValueError(f"head_weights is for backbone 'dinov3txt' only, not {label!r}")
+        defaults = backbone_defaults(backbone, family)
+        if family is not None and family.build is not None:
+            name = model_name or defaults["model_name"]
+            encoder = family.build(name, pretrained, weights, head_weights, checkpoint is not None)
+            encoder.to(device)
+            loaded = weights is not None
+        else:
+            encoder, loaded = _build_open_clip(
+                backbone, family, defaults, model_name, pretrained, weights, device, checkpoint
+            )
+        encoder.backbone = backbone or encoder.family
+        if dense is not None:
+            check_dense_family(get_family(encoder.family), dense, backbone or encoder.model_name)
+            encoder.dense = dense
+        if checkpoint is not None:
+            load_checkpoint(encoder, checkpoint)
+        elif not loaded:
+            log.warning(
+                "%s: random weights (%s family; no pretrained tag, weights file or checkpoint): features mean "
+                "nothing%s",
+                encoder.model_name,
+                encoder.family,
+                _tags_hint(encoder.model_name),
+            )
+        return encoder
+
+
+def model_spec(spec: ModelSpec | str | None = None, **fields) -> ModelSpec:
+    """A :class:`ModelSpec` from a spec, a backbone name or an ``hf-hub:``/``local-dir:`` id, with ``fields``
+    (:class:`ModelSpec`'s field names) set over it."""
+    if isinstance(spec, ModelSpec):
+        return dataclasses.replace(spec, **fields) if fields else spec
+    if spec is not None:
+        if fields.get("backbone") is not None:
+            raise ValueError(f"two backbones: {spec!r} and backbone={fields['backbone']!r}")
+        fields["backbone"] = spec
+    return ModelSpec(**fields)
+
+
+def build_encoder(
+    spec: ModelSpec | str | None = None, model_name: str | None = None, *, device: str | torch.device = "cpu", **fields
+) -> DenseEncoder:
+    """Build a dense encoder the way users name models: ``model_spec(spec, model_name=..., **fields).build(device)``.
+
+    Args:
+        spec: a :class:`ModelSpec`, or the backbone (a paper preset of :data:`BACKBONES` or a family name) or an
+            ``hf-hub:``/``local-dir:`` id of an exported student.
+        model_name: open_clip model name or ``hf-hub:`` id (:attr:`ModelSpec.model_name`).
+        device: where to put the model.
+        fields: the other :class:`ModelSpec` fields (``pretrained``, ``weights``, ``head_weights``, ``checkpoint``,
+            ``dense``).
+    """
+    if model_name is not None:
+        fields["model_name"] = model_name
+    return model_spec(spec, **fields).build(device)
 
 
 def check_dense_family(family: Family, dense: str, label: str) -> None:

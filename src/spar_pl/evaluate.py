@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.callbacks import ResultsFile
-from spar_pl.encoders import build_encoder
+from spar_pl.encoders import ModelSpec
 from spar_pl.families import get_family
 from spar_pl.fileio import file_sha256
 from spar_pl.openvocab import OpenVocabHead, parse_classes
@@ -41,15 +41,11 @@ def file_record(path: str | Path) -> dict:
 class SegEvalModule(L.LightningModule):
     """Open-vocabulary segmentation evaluation of one encoder on one benchmark.
 
+    The encoder is the model its :class:`~spar_pl.encoders.ModelSpec` fields name (``backbone``, ``model_name``,
+    ``pretrained``, ``weights``, ``head_weights``, ``checkpoint``, ``dense``: flat keys under ``model.init_args``).
+    With a ``dense`` recipe, results go to ``<backbone>-<dense>.json`` unless ``results_name`` is set.
+
     Args:
-        backbone: a paper preset (``maskclip``, ``maskclip-legacy``, ``siglip2``, ``dinov3txt``) or a family name;
-            ``None``: the family of ``model_name``'s built model (no model either: ``siglip2``).
-        model_name: open_clip name or ``hf-hub:`` id (default: the backbone's).
-        pretrained: open_clip pretrained tag (``"default"``: the backbone's).
-        weights: local open_clip weights file (e.g. a ``spar-cli export`` file); for ``dinov3txt`` the DINOv3
-            backbone file.
-        head_weights: ``dinov3txt`` only: the dino.txt vision-head and text-encoder file.
-        checkpoint: a SPAR checkpoint (the authors' ``.ckpt``, a ``spar-cli fit`` checkpoint, ...).
         mode: ``single`` (one pass); ``sliding-logits`` (the authors' evaluation baseline: logits-level sliding
             window, :class:`~spar_pl.sliding.SlidingWindowLogits`); or ``sliding-features`` (the distillation
             teacher's feature-level sliding window, :class:`~spar_pl.sliding.SlidingWindowTeacher`, then the head);
@@ -63,24 +59,16 @@ class SegEvalModule(L.LightningModule):
         area_thd: optional area threshold (``OpenVocabHead``).
         results_dir: folder of the results files (``None``: write none).
         results_name: results file stem (default: the backbone, with ``-test`` unless ``table``).
-        dense: the open_clip ViT CLIP family's last-block dense recipe (``maskclip``, ``sclip``, ``clearclip``,
-            ``naclip``; :mod:`spar_pl.recipes`); ``None``: the model's own. Results then go to
-            ``<backbone>-<dense>.json`` unless ``results_name`` is set.
         pamr_steps: PAMR iterations on the logits before the mask rule (``OpenVocabHead``; NACLIP's protocol: 10);
             0: none.
         pamr_dilations: PAMR's dilations (NACLIP's: 8 and 16).
         row_label: the table row of this run (default: from mode, stride and checkpoint; :attr:`row`).
         table: this run is a cell of ``spar-cli table`` (recorded in its results entry; the table sets it).
+        model: the :class:`~spar_pl.encoders.ModelSpec` fields of the encoder.
     """
 
     def __init__(
         self,
-        backbone: str | None = None,
-        model_name: str | None = None,
-        pretrained: str | None = "default",
-        weights: str | None = None,
-        head_weights: str | None = None,
-        checkpoint: str | None = None,
         mode: str = "single",
         crop: int | None = None,
         stride: int = 24,
@@ -91,11 +79,11 @@ class SegEvalModule(L.LightningModule):
         area_thd: float | None = None,
         results_dir: str | None = "results",
         results_name: str | None = None,
-        dense: str | None = None,
         pamr_steps: int = 0,
         pamr_dilations: tuple[int, ...] = (8, 16),
         row_label: str | None = None,
         table: bool = False,
+        **model,
     ) -> None:
         super().__init__()
         #: the evaluation mode, ``sliding`` resolved to ``sliding-logits``
@@ -105,15 +93,9 @@ class SegEvalModule(L.LightningModule):
         self.protocol = {"logit_scale": logit_scale, "prob_thd": prob_thd, "area_thd": area_thd}
         if pamr_steps:  # NACLIP's post-processing (recorded in the results only when on)
             self.protocol |= {"pamr_steps": pamr_steps, "pamr_dilations": list(pamr_dilations)}
-        self.encoder = build_encoder(
-            backbone,
-            model_name,
-            pretrained=pretrained,
-            weights=weights,
-            checkpoint=checkpoint,
-            head_weights=head_weights,
-            dense=dense,
-        ).eval()
+        #: the evaluated model
+        self.spec = ModelSpec(**model)
+        self.encoder = self.spec.build().eval()
         if self.mode != "single":  # a window the fold cannot take fails here, before any data is read
             check_window(int(crop or self.encoder.default_crop), stride, self.encoder.patch_size, window_batch)
         # The head's text embeddings are computed once the module is on its device (:meth:`build_head`): the
@@ -142,7 +124,8 @@ class SegEvalModule(L.LightningModule):
         if hp.row_label:
             return hp.row_label
         # a family whose weights file is its released backbone (dinov3txt) has SPAR weights only as a checkpoint
-        trained = hp.checkpoint or (hp.weights and not get_family(self.encoder.family).release_weights)
+        spec = self.spec
+        trained = spec.checkpoint or (spec.weights and not get_family(self.encoder.family).release_weights)
         trained = trained or getattr(self.encoder, "spar_config", None) is not None  # a SPAR student's Hub folder
         if self.mode != "single":
             kind = "sliding window" if self.mode == "sliding-logits" else "feature-level sliding window"
@@ -218,9 +201,9 @@ class SegEvalModule(L.LightningModule):
             "seconds_per_image": seconds / max(images, 1),
             "peak_memory_mb": self.peak_memory_mb(),
             "devices": self.trainer.world_size,
-            "config": {k: hp[k] for k in ("model_name", "checkpoint", "weights", "head_weights", "stride")}
-            | {"backbone": self.encoder.backbone}
-            | ({"dense": hp.dense} if hp.dense is not None else {})
+            "config": {k: getattr(self.spec, k) for k in ("model_name", "checkpoint", "weights", "head_weights")}
+            | {"stride": hp.stride, "backbone": self.encoder.backbone}
+            | ({"dense": self.spec.dense} if self.spec.dense is not None else {})
             | {"mode": self.mode, "crop": (hp.crop or self.encoder.default_crop) if self.mode != "single" else None}
             | self.protocol,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -233,7 +216,8 @@ class SegEvalModule(L.LightningModule):
         hp = self.hparams
         datamodule = getattr(self.trainer, "datamodule", None)
         root = getattr(getattr(datamodule, "data", None), "root", None)
-        files = {k: file_record(hp[k]) for k in ("checkpoint", "weights", "head_weights") if hp[k]}
+        paths = {k: getattr(self.spec, k) for k in ("checkpoint", "weights", "head_weights")}
+        files = {k: file_record(path) for k, path in paths.items() if path}
         return {
             "source": "spar-cli table" if hp.table else "spar-cli test",
             "files": files,
@@ -244,6 +228,7 @@ class SegEvalModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The results file of this run (``results_dir``/``results_name``.json), when ``results_dir`` is set."""
         hp = self.hparams
-        default = self.encoder.backbone if hp.dense is None else f"{self.encoder.backbone}-{hp.dense}"
+        dense = self.spec.dense
+        default = self.encoder.backbone if dense is None else f"{self.encoder.backbone}-{dense}"
         default += "" if hp.table else "-test"  # a table's cells come only from the table's own runs
         return [ResultsFile(hp.results_dir, hp.results_name or default)] if hp.results_dir else []

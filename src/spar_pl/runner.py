@@ -60,6 +60,27 @@ def packaged_configs() -> list[str]:
     )
 
 
+def show_config(name: str | None = None) -> str:
+    """The shipped configs (package data), listed, or one printed self-contained (``spar-cli config``).
+
+    ``spar-cli config distill/siglip2.yaml > my.yaml`` writes one to edit, the fragments it reads written in place,
+    so ``spar-cli fit --config my.yaml`` runs from any folder. ``--config configs/NAME`` works from any folder too: a
+    path that does not exist there is read from the package.
+
+    Args:
+        name: a config, e.g. ``distill/siglip2.yaml``, ``eval/voc21.yaml`` (``configs/`` optional); none lists them.
+    """
+    if name is None:
+        text = "\n".join(packaged_configs())
+        print(f"{text}\n(packaged under {config_path('eval/voc21.yaml').parents[1]})")
+        return text
+    path = Path(name)
+    path = Path(*path.parts[1:]) if path.parts[:1] == (CONFIGS,) else path
+    text = self_contained_config(config_path(path))
+    sys.stdout.write(text)
+    return text
+
+
 def _inline(value: object, folder: Path) -> object:
     """``value`` with every string naming a YAML file (relative to ``folder``) replaced by that file's content."""
     import yaml

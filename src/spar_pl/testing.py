@@ -145,6 +145,24 @@ def write_sample_images(out: str | Path, count: int, seed: int = 0, size: tuple[
     return paths
 
 
+def write_tiny_data(out: str = "data/tiny", train: int = 12, val: int = 4) -> Path:
+    """Generated ``train/`` and ``val/`` images under ``out`` for the tiny distillation config
+    (``configs/distill/tiny.yaml``; ``spar-cli tiny-data``).
+
+    Args:
+        out: the folder to write.
+        train: training images.
+        val: validation images.
+    """
+    for name, count in (("train", train), ("val", val)):
+        if count < 0:
+            raise ValueError(f"--{name} must be at least 0, got {count}")
+    write_sample_images(Path(out) / "train", train, seed=0)
+    write_sample_images(Path(out) / "val", val, seed=1)
+    print(f"wrote {train} train and {val} val images under {out}")
+    return Path(out)
+
+
 VOC_PALETTE = np.array(
     [
         [(i >> 0 & 1) * 128 + (i >> 3 & 1) * 64, (i >> 1 & 1) * 128 + (i >> 4 & 1) * 64, (i >> 2 & 1) * 128]
