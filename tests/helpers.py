@@ -32,6 +32,11 @@ def fit_args(images: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
+def visual_names(encoder, prefix: str) -> set[str]:
+    """Names (as ``trainable_parameters`` gives them) of the vision tower's parameters under ``prefix``."""
+    return {f"model.visual.{n}" for n, _ in encoder.model.visual.named_parameters() if n.startswith(prefix)}
+
+
 class RecordIds(L.Callback):
     """Append ``epoch id`` lines of every training image to ``<out>/rank<r>.txt``."""
 
@@ -63,7 +68,7 @@ class Interrupt(L.Callback):
 # :meth:`DinoTxtEncoder.convert_state_dict`), so a wrong mapping fails the tests that load them.
 
 DINOTXT_TINY = "spar-tiny-dinotxt"
-DINOTXT_FILES = (
+RELEASED_NAMES = (
     "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
     "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth",
 )
@@ -180,6 +185,6 @@ def official_files(encoder: DinoTxtEncoder) -> tuple[dict, dict]:
 def write_official_files(encoder: DinoTxtEncoder, root: Path) -> tuple[Path, Path]:
     """Save ``encoder``'s weights as the two official files (backbone, dino.txt) under their released names."""
     backbone, dinotxt = official_files(encoder)
-    torch.save(backbone, root / DINOTXT_FILES[0])
-    torch.save(dinotxt, root / DINOTXT_FILES[1])
-    return root / DINOTXT_FILES[0], root / DINOTXT_FILES[1]
+    torch.save(backbone, root / RELEASED_NAMES[0])
+    torch.save(dinotxt, root / RELEASED_NAMES[1])
+    return root / RELEASED_NAMES[0], root / RELEASED_NAMES[1]
