@@ -1,3 +1,6 @@
+"""Open-vocabulary evaluation (spar_pl.evaluate, ``SegEvalModule``): mIoU by hand and through the module, sliding
+evaluation, DDP counts, the shipped protocols, results files."""
+
 import hashlib
 import json
 import subprocess
