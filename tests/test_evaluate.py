@@ -192,7 +192,7 @@ def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(ben
 @pytest.mark.parametrize("classes", ["voc21", "context60"])
 def test_the_evaluation_head_embeds_the_benchmark_names(classes):
     """The head ``SegEvalModule`` builds holds, synonym for synonym, the embeddings of the class file's names
-    (once it embedded the printed Python lists, "['sky'", and every mIoU moved)."""
+    (the names themselves: embedding their printed Python lists, "['sky'", would move every mIoU)."""
     from spar_pl.openvocab import parse_classes, text_embeddings
 
     module = tiny_eval(classes=classes)
