@@ -147,7 +147,7 @@ def head_memory_section(bench: Bench) -> None:
             f"{spec.label} features, {k} classes ({plan.head_classes}), mask and float16 probabilities at "
             f"{size[0]}x{size[1]} (probabilities written to a file)",
             f"chunked head: peak {fmt_b(new['peak_bytes'])} (peak RSS minus RSS before, fresh process)",
-            f"whole K x H x W float32 tensor (the previous head): peak {old_text}",
+            f"whole K x H x W float32 tensor (an unchunked head): peak {old_text}",
             f"{old['peak_bytes'] / new['peak_bytes']:.1f}x less memory" if old["peak_bytes"] else "chunked only",
         )
     small, large = (next(r for r in results if r["size"] == list(s) and r["chunked"]) for s in plan.head_sizes[:2])

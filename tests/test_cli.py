@@ -163,26 +163,6 @@ def test_a_dataloader_worker_error_is_one_line(tmp_path, capsys):
     assert "Traceback" not in err and "worker process" not in err
 
 
-def test_offline_hub_lookup_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
-    """HF_HUB_OFFLINE and an empty cache: one line saying how to work offline, no retries, no double prefix."""
-    from huggingface_hub import constants
-
-    from spar_pl import offline
-    from spar_pl.scenes import scene_image
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    offline.hub_unreachable.cache_clear()
-    scene_image(256, 256).save(tmp_path / "scene.png")
-    with pytest.raises(SystemExit) as exc:
-        main(["segment", str(tmp_path / "scene.png"), "--classes", "a", "b", "--out", str(tmp_path / "o")])
-    offline.hub_unreachable.cache_clear()
-    err = capsys.readouterr().err
-    assert exc.value.code == 1 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("spar-cli segment: error: timm/ViT-B-16-SigLIP2-512 is needed from the Hugging Face Hub")
-    assert "HF_HUB_OFFLINE is set" in err and "--weights FILE" in err and "spar-cli: " not in err
-
-
 @pytest.mark.slow
 def test_console_is_quiet_and_each_line_once(tmp_path):
     """A fit prints each log line once (no second root handler), no tips, no open_clip "No pretrained weights"
@@ -209,23 +189,6 @@ def test_console_is_quiet_and_each_line_once(tmp_path):
     assert cli.trainer.progress_bar_callback.theme.metrics_format == ".3g"
 
 
-def test_a_written_config_is_self_contained_and_runs_elsewhere(tmp_path, monkeypatch, capsys):
-    """``spar-cli config distill/tiny.yaml > mine.yaml`` in a folder without configs/: it parses and trains."""
-    monkeypatch.chdir(tmp_path)
-    main(["config", "distill/tiny.yaml"])
-    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
-    assert "../fragments" not in (tmp_path / "mine.yaml").read_text()
-    for name in ("distill/siglip2.yaml", "eval/voc21.yaml"):  # every fragment kind: callbacks, data, trainer
-        main(["config", name])
-        assert "../fragments/" not in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", "mine.yaml", "--print_config"])
-    assert exc.value.code == 0 and "LastCheckpoint" in capsys.readouterr().out
-    main(["tiny-data", "data/tiny", "--train", "2", "--val", "1"])
-    main(["fit", "--config", "mine.yaml", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
-    assert list((tmp_path / "results/distill-tiny").rglob("last.ckpt"))
-
-
 def test_cache_and_fit_without_validation_raise_no_lightning_noise(tmp_path, recwarn):
     """``spar-cli cache`` names entries by image id (no "Couldn't infer the batch indices"); a fit without
     ``val_source`` has an empty validation list on purpose (no "Total length of `list` across ranks is zero")."""
@@ -236,21 +199,6 @@ def test_cache_and_fit_without_validation_raise_no_lightning_noise(tmp_path, rec
     main(["fit", *args, "--trainer.limit_train_batches", "1"])
     messages = [str(w.message) for w in recwarn]
     assert not [m for m in messages if "batch indices" in m or "across ranks is zero" in m], messages
-
-
-def test_a_resumed_run_shows_its_version_number(tmp_path):
-    """``--ckpt_path last`` continues version_0 and the progress bar's ``v_num`` is 0, not ``on_0``."""
-    from spar_pl.runner import continue_last_run
-
-    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    (checkpoints / "last.ckpt").write_bytes(b"x")
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
-
-    trainer = L.Trainer(logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False)
-    assert continue_last_run(trainer, {"save_dir": str(tmp_path)}) == checkpoints / "last.ckpt"
-    assert trainer.logger.version == 0 and trainer.logger.log_dir == str(tmp_path / "lightning_logs" / "version_0")
 
 
 def test_help_shows_no_docstring_markup(capsys):

@@ -147,7 +147,7 @@ def test_prefix_handling_is_exact(tmp_path, siglip_encoder):
     torch.save({"state_dict": state}, tmp_path / "mixed.ckpt")
     with pytest.raises(CheckpointError, match="unexpected keys: segmentor.data_preprocessor.mean"):
         load_checkpoint(siglip_encoder, tmp_path / "mixed.ckpt")
-    short = {f"segmentor.net.{k}": v for k, v in siglip_encoder.model.state_dict().items()}  # the old, wrong layout
+    short = {f"segmentor.net.{k}": v for k, v in siglip_encoder.model.state_dict().items()}  # a prefix too short
     torch.save({"state_dict": short}, tmp_path / "short.ckpt")
     with pytest.raises(CheckpointError, match="missing keys"):
         load_checkpoint(siglip_encoder, tmp_path / "short.ckpt")

@@ -381,7 +381,8 @@ def _load_open_clip_weights(
     model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str, backbone: str
 ) -> None:
     """Load an open_clip weights file read by :func:`~spar_pl.weights.read_state_dict` strictly into ``model``,
-    with open_clip's own adjustments of its older formats (as ``open_clip.load_checkpoint`` makes them)."""
+    with the adjustments ``open_clip.load_checkpoint`` makes: text-tower keys in open_clip's custom layout, the
+    logit scale and bias in the model's shapes, positional embeddings resized to the model's."""
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
     from spar_pl.weights import LAYOUTS, CheckpointError

@@ -140,33 +140,6 @@ def resolve_configs(args: Sequence[str]) -> list[str]:
     return out
 
 
-#: Options the eval task does not take, and where their settings are: jsonargparse would answer with a dump of
-#: class signatures, so these get one line saying what to use.
-MOVED_OPTIONS = {
-    "protocol_overrides": "MaskCLIP's VOC21 protocol is the eval config configs/eval/voc21-maskclip.yaml (use it "
-    "instead of configs/eval/voc21.yaml; spar-cli table does)",
-}
-
-
-def check_moved_options(args: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming the setting to use when the arguments or a ``--config`` file set an option of
-    :data:`MOVED_OPTIONS`."""
-    for i, arg in enumerate(args):
-        key, sep, value = arg.partition("=")
-        sources = [(arg, "the command line")]
-        if key in ("--config", "-c") and sep:
-            sources.append((value, None))
-        elif i > 0 and args[i - 1] in ("--config", "-c"):
-            sources.append((arg, None))
-        for text, where in sources:
-            if where is None:
-                path = Path(text)
-                text, where = (path.read_text(encoding="utf-8"), str(path)) if path.is_file() else ("", "")
-            for option, moved in MOVED_OPTIONS.items():
-                if option in text:
-                    raise ValueError(f"{option} ({where}) is not an option: {moved}")
-
-
 def check_writable(folder: str | Path, what: str) -> Path:
     """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
     temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
@@ -322,7 +295,6 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
 
     argv = sys.argv[1:] if args is None else list(args)
     resolved = resolve_configs(argv)
-    check_moved_options(resolved)
     if resolved != argv:
         args = resolved
 

@@ -130,7 +130,7 @@ FAMILY = register_family(
         default_pretrained="laion2b_s34b_b88k",
         tiny_model="spar-tiny-clip",
         key_fragments=(("visual.transformer.resblocks.", "an OpenCLIP ViT CLIP model (MaskCLIP)"),),
-        parity="the reference's positional resize and value path vs open_clip's own blocks (tests/test_encoders.py)",
+        parity="the reference's positional resize and value path vs open_clip's own blocks (tests/test_family_clip.py)",
         order=50,
     )
 )

@@ -360,7 +360,10 @@ FAMILY = register_family(
             ("visual_model.backbone.", "a DINOv3.txt model (official names)"),
             ("visual.rope.periods", "a DINOv3.txt model"),
         ),
-        parity="the official DINOv3.txt code, full size (tests/test_dinotxt.py::test_parity_with_the_official_dinotxt)",
+        parity=(
+            "the official DINOv3.txt code, full size "
+            "(tests/test_family_dinotxt.py::test_parity_with_the_official_dinotxt)"
+        ),
         build=build_dinotxt,
         model_names=tuple(DINOTXT_ARCHS),
         geometry=lambda name: (16, 384),  # ViT-L/16; 384: the teacher crop of the authors' configuration

@@ -140,7 +140,9 @@ FAMILY = register_family(
         tiny_model="spar-tiny-sl2",
         register_tiny=register_tiny,
         key_fragments=(("visual.trunk.", "a SigLIP2 model (timm trunk)"),),
-        parity="the reference's positional resize (bit for bit), pool bypass vs timm's pool (tests/test_encoders.py)",
+        parity=(
+            "the reference's positional resize (bit for bit), pool bypass vs timm's pool (tests/test_family_siglip.py)"
+        ),
         order=40,
     )
 )

@@ -1,3 +1,6 @@
+"""Open-vocabulary evaluation (spar_pl.evaluate, ``SegEvalModule``): mIoU by hand and through the module, sliding
+evaluation, DDP counts, the shipped protocols, results files."""
+
 import hashlib
 import json
 import subprocess
@@ -189,7 +192,7 @@ def test_results_file_is_written_by_a_callback_and_a_damaged_one_fails_first(ben
 @pytest.mark.parametrize("classes", ["voc21", "context60"])
 def test_the_evaluation_head_embeds_the_benchmark_names(classes):
     """The head ``SegEvalModule`` builds holds, synonym for synonym, the embeddings of the class file's names
-    (once it embedded the printed Python lists, "['sky'", and every mIoU moved)."""
+    (the names themselves: embedding their printed Python lists, "['sky'", would move every mIoU)."""
     from spar_pl.openvocab import parse_classes, text_embeddings
 
     module = tiny_eval(classes=classes)
@@ -199,7 +202,7 @@ def test_the_evaluation_head_embeds_the_benchmark_names(classes):
     torch.testing.assert_close(head.text, text_embeddings(module.encoder, names), rtol=0, atol=0)
 
 
-def test_a_config_with_the_removed_protocol_overrides_says_where_it_went(capsys):
+def test_an_option_the_module_does_not_take_is_one_line_naming_it(capsys):
     from spar_pl.cli import main
 
     argv = ["test", "--config", str(ROOT / "configs" / "eval" / "voc21.yaml"), "--config"]
@@ -209,7 +212,7 @@ def test_a_config_with_the_removed_protocol_overrides_says_where_it_went(capsys)
         main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("spar-cli")]  # Lightning's INFO lines aside
-    assert exc.value.code == 1 and len(lines) == 1 and "eval/voc21-maskclip.yaml" in lines[0]
+    assert exc.value.code == 1 and len(lines) == 1 and "'protocol_overrides.voc21.prob_thd' is not accepted" in lines[0]
     assert "Traceback" not in err and "Union subtypes" not in err
 
 

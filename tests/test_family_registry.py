@@ -1,5 +1,5 @@
-"""The backbone-family registry: recognition from the built model, presets over families, weight-file detection, the
-one "random weights" line, shipped tiny weights."""
+"""The backbone-family registry (spar_pl.families.registry, the presets of spar_pl.families): recognition from the
+built model, presets over families, weight-file detection, the one "random weights" line, shipped tiny weights."""
 
 from __future__ import annotations
 

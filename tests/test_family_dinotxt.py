@@ -1,12 +1,15 @@
-"""DINOv3.txt, natively: the tiny twin, official key layouts, parameter counts, parity and the pipeline.
+"""The DINOv3.txt family (spar_pl.families.dinotxt), natively on its tiny twin: shapes, dense features and text,
+trainable specs, the official key layouts and weight files, full-size parameter counts, and (opt-in) parity with the
+official code.
 
-The official layouts are written here from the key list in ``shared/reference/DINOV3TXT.md`` (independently
-of :meth:`DinoTxtEncoder.convert_state_dict`), so a wrong mapping fails these tests.
+The official layouts come from :func:`tests.helpers.official_files`, written from the key list in
+``shared/reference/DINOV3TXT.md`` independently of :meth:`DinoTxtEncoder.convert_state_dict`, so a wrong mapping fails
+these tests. The pipeline with the twin (segment, features, quickstart, test, fit, table):
+``tests/test_family_dinotxt_e2e.py``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,136 +18,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spar_pl.cli import main
 from spar_pl.encoders import DinoTxtEncoder, DinoTxtModel, build_encoder
-from spar_pl.scenes import scene_image
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import official_files, randomise, tiny_dinotxt, write_official_files
+
 TINY_NAME = "spar-tiny-dinotxt"
-TINY = ["--backbone", "dinov3txt", "--model-name", TINY_NAME]
-
-
-def tiny(seed: int = 0) -> DinoTxtEncoder:
-    torch.manual_seed(seed)
-    return build_encoder("dinov3txt", TINY_NAME)
-
-
-def randomise(encoder: DinoTxtEncoder, seed: int = 1) -> DinoTxtEncoder:
-    """Non-trivial weights everywhere (q/v biases and LayerScale included); the text qkv bias stays zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in encoder.model.named_parameters():
-            if name.endswith("in_proj_bias"):
-                p.zero_()  # the official text tower has no qkv bias
-            elif ("norm" in name or "ln_" in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        periods = encoder.model.visual.rope.periods
-        # the file stores periods rounded to bfloat16; perturbed so that recomputing them would differ
-        periods.copy_((periods * 1.01).to(torch.bfloat16).float())
-    return encoder
-
-
-def official_files(encoder: DinoTxtEncoder) -> tuple[dict, dict]:
-    """The (backbone file, dino.txt file) state dicts in the official key layouts, from a tiny model's weights."""
-    m = encoder.model
-    v, t = m.visual, m.text
-    d = m.embed_dim
-    g = torch.Generator().manual_seed(7)
-    backbone = {
-        "cls_token": v.cls_token,
-        "storage_tokens": v.reg_token,
-        "mask_token": torch.zeros(1, d),
-        "patch_embed.proj.weight": v.patch_embed.proj.weight,
-        "patch_embed.proj.bias": v.patch_embed.proj.bias,
-        "rope_embed.periods": v.rope.periods.to(torch.bfloat16),
-        "norm.weight": v.norm.weight,
-        "norm.bias": v.norm.bias,
-    }
-    for i, blk in enumerate(v.blocks):
-        a = blk.attn
-        k_bias = torch.randn(d, generator=g)  # masked in the official model: must have no effect
-        ones = torch.ones(d)
-        backbone |= {
-            f"blocks.{i}.norm1.weight": blk.norm1.weight,
-            f"blocks.{i}.norm1.bias": blk.norm1.bias,
-            f"blocks.{i}.attn.qkv.weight": a.qkv.weight,
-            f"blocks.{i}.attn.qkv.bias": torch.cat([a.q_bias, k_bias, a.v_bias]),
-            f"blocks.{i}.attn.qkv.bias_mask": torch.cat([ones, torch.zeros(d), ones]),
-            f"blocks.{i}.attn.proj.weight": a.proj.weight,
-            f"blocks.{i}.attn.proj.bias": a.proj.bias,
-            f"blocks.{i}.ls1.gamma": blk.gamma_1,
-            f"blocks.{i}.norm2.weight": blk.norm2.weight,
-            f"blocks.{i}.norm2.bias": blk.norm2.bias,
-            f"blocks.{i}.mlp.fc1.weight": blk.mlp.fc1.weight,
-            f"blocks.{i}.mlp.fc1.bias": blk.mlp.fc1.bias,
-            f"blocks.{i}.mlp.fc2.weight": blk.mlp.fc2.weight,
-            f"blocks.{i}.mlp.fc2.bias": blk.mlp.fc2.bias,
-            f"blocks.{i}.ls2.gamma": blk.gamma_2,
-        }
-    hidden = 2752 * d // 1024
-    head = {"visual_model.head.ln_final.weight": torch.ones(d), "visual_model.head.ln_final.bias": torch.zeros(d)}
-    for i in range(2):
-        p = f"visual_model.head.blocks.{i}."
-        head |= {
-            p + "norm1.weight": torch.ones(d),
-            p + "norm1.bias": torch.zeros(d),
-            p + "attn.qkv.weight": torch.randn(3 * d, d, generator=g),
-            p + "attn.proj.weight": torch.randn(d, d, generator=g),
-            p + "attn.proj.bias": torch.zeros(d),
-            p + "ls1.gamma": torch.ones(d),
-            p + "norm2.weight": torch.ones(d),
-            p + "norm2.bias": torch.zeros(d),
-            p + "mlp.w1.weight": torch.randn(hidden, d, generator=g),
-            p + "mlp.w1.bias": torch.zeros(hidden),
-            p + "mlp.w2.weight": torch.randn(hidden, d, generator=g),
-            p + "mlp.w2.bias": torch.zeros(hidden),
-            p + "mlp.w3.weight": torch.randn(d, hidden, generator=g),
-            p + "mlp.w3.bias": torch.zeros(d),
-            p + "ls2.gamma": torch.ones(d),
-        }
-    text = {
-        "logit_scale": m.logit_scale,
-        "text_model.backbone.token_embedding.weight": t.token_embedding.weight,
-        "text_model.backbone.positional_embedding": t.positional_embedding,
-        "text_model.backbone.ln_final.weight": t.ln_final.weight,
-        "text_model.backbone.ln_final.bias": t.ln_final.bias,
-        "text_model.head.linear_projection.weight": t.text_projection.T,
-    }
-    for i, blk in enumerate(t.transformer.resblocks):
-        p = f"text_model.backbone.blocks.{i}."
-        text |= {
-            p + "attention_norm.weight": blk.ln_1.weight,
-            p + "attention_norm.bias": blk.ln_1.bias,
-            p + "attention.qkv.weight": blk.attn.in_proj_weight,
-            p + "attention.proj.weight": blk.attn.out_proj.weight,
-            p + "attention.proj.bias": blk.attn.out_proj.bias,
-            p + "ffn_norm.weight": blk.ln_2.weight,
-            p + "ffn_norm.bias": blk.ln_2.bias,
-            p + "feed_forward.fc1.weight": blk.mlp.c_fc.weight,
-            p + "feed_forward.fc1.bias": blk.mlp.c_fc.bias,
-            p + "feed_forward.fc2.weight": blk.mlp.c_proj.weight,
-            p + "feed_forward.fc2.bias": blk.mlp.c_proj.bias,
-        }
-    clone = lambda state: {k: x.detach().clone().contiguous() for k, x in state.items()}  # noqa: E731
-    return clone(backbone), clone(head | text)
 
 
 @pytest.fixture(scope="module")
 def source() -> DinoTxtEncoder:
-    return randomise(tiny(0))
+    return randomise(tiny_dinotxt(0))
 
 
 @pytest.fixture(scope="module")
 def files(source, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("dinotxt")
-    backbone, dinotxt = official_files(source)
-    torch.save(backbone, root / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")
-    torch.save(dinotxt, root / "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth")
-    return root / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth", root / (
-        "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth"
-    )
+    return write_official_files(source, tmp_path_factory.mktemp("dinotxt"))
 
 
 def assert_same_model(a: DinoTxtEncoder, b: DinoTxtEncoder) -> None:
@@ -162,7 +50,7 @@ def assert_same_model(a: DinoTxtEncoder, b: DinoTxtEncoder) -> None:
 
 
 def test_tiny_twin_shapes_and_contract():
-    enc = tiny()
+    enc = tiny_dinotxt()
     assert isinstance(enc.model.visual, type(build_encoder("dinov3txt", TINY_NAME).model.visual))
     assert type(enc.model.visual).__name__ == "Eva" and type(enc.model.text).__name__ == "TextTransformer"
     assert enc.mean == (0.485, 0.456, 0.406) and enc.std == (0.229, 0.224, 0.225)
@@ -176,7 +64,7 @@ def test_tiny_twin_shapes_and_contract():
 
 
 def test_dense_features_are_final_normed_patch_tokens_of_the_stretched_image():
-    enc = randomise(tiny())
+    enc = randomise(tiny_dinotxt())
     x = torch.randn(2, 3, 50, 70)
     stretched = F.interpolate(x, size=(64, 80), mode="bicubic", align_corners=False)
     seen = {}
@@ -192,7 +80,7 @@ def test_dense_features_are_final_normed_patch_tokens_of_the_stretched_image():
 
 
 def test_text_is_the_last_half_normalised_after_slicing():
-    enc = randomise(tiny())
+    enc = randomise(tiny_dinotxt())
     tokens = enc.tokenizer(["a photo of a cat.", "road"])
     assert tokens.shape == (2, 77)
     with torch.no_grad():
@@ -207,7 +95,7 @@ def test_text_is_the_last_half_normalised_after_slicing():
 
 
 def test_trainable_specs_and_eval_mode_kept():
-    enc = tiny()
+    enc = tiny_dinotxt()
     names = enc.set_trainable("blk_-1,blk_-2")
     assert names and all(n.startswith(("model.visual.blocks.1.", "model.visual.blocks.2.")) for n in names)
     assert any(n.endswith("attn.q_bias") for n in names) and any(n.endswith("attn.v_bias") for n in names)
@@ -241,7 +129,7 @@ def test_the_two_official_files_load_strictly(source, files):
 
 def test_authors_spar_checkpoint_loads_strictly(source, files, tmp_path):
     backbone, dinotxt = official_files(source)
-    trained = randomise(tiny(), seed=5)  # e.g. SPAR-trained blocks: other weights, non-zero q/v biases
+    trained = randomise(tiny_dinotxt(), seed=5)  # e.g. SPAR-trained blocks: other weights, non-zero q/v biases
     tb, tt = official_files(trained)
     state = {f"segmentor.net.model.visual_model.backbone.{k}": v for k, v in tb.items()}
     state |= {f"segmentor.net.model.{k}": v for k, v in tt.items()}
@@ -378,89 +266,3 @@ def test_parity_with_the_official_dinotxt(monkeypatch):
     )
     assert dense_err < 1e-6 and cosine > 0.99999 and recomputed_err > 10 * dense_err  # 3e-5 with wrong periods
     assert text_err < 1e-5
-
-
-# -- the pipeline with the tiny twin ---------------------------------------------------------------------------------
-
-
-def test_segment_and_features_cli(files, tmp_path, capsys):
-    scene_image(50, 70).save(tmp_path / "a.png")
-    weights = ["--weights", str(files[0]), "--head-weights", str(files[1])]
-    main(
-        ["segment", str(tmp_path / "a.png"), *TINY, *weights, "--classes", "sky", "grass", "--out", str(tmp_path / "s")]
-    )
-    assert (tmp_path / "s" / "a_overlay.png").is_file() and (tmp_path / "s" / "a_labels.png").is_file()
-    main(["features", str(tmp_path / "a.png"), *TINY, *weights, "--dtype", "float32", "--out", str(tmp_path / "f")])
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "f" / "a.safetensors"), "pt") as fh:
-        feats = fh.get_tensor("features")
-    assert feats.shape == (1, 32, 4, 5)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(["features", str(tmp_path / "a.png"), *TINY, "--weights", str(files[1]), "--head-weights", str(files[0]),
-              "--out", str(tmp_path / "g")])  # fmt: skip
-    assert exc.value.code == 1 and "is not a DINOv3 backbone file" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["features", str(tmp_path / "a.png"), *TINY, "--weights", str(tmp_path / "nowhere.pth"),
-              "--head-weights", str(files[1]), "--out", str(tmp_path / "g")])  # fmt: skip
-    assert exc.value.code == 1 and "nowhere.pth" in capsys.readouterr().err
-
-
-def test_quickstart_with_the_twin(tmp_path, capsys):
-    main(["quickstart", "--backbone", "dinov3txt", "--no-distill", "--out", str(tmp_path)])
-    assert (tmp_path / "overlay_single.png").is_file() and "spar-tiny-dinotxt" in capsys.readouterr().out
-
-
-def test_eval_module_rows_and_test_run(files, tmp_path):
-    import lightning as L
-
-    from spar_pl.evaluate import SegEvalModule
-    from spar_pl.segdata import SegDataModule
-    from spar_pl.testing import write_tiny_benchmarks
-
-    args = {"backbone": "dinov3txt", "model_name": TINY_NAME, "crop": 64, "classes": "voc20", "results_dir": None}
-    pretrained = SegEvalModule(**args, weights=str(files[0]), head_weights=str(files[1]))
-    assert pretrained.row == "pretrained, single pass"  # the released backbone is not a SPAR model
-    bench = write_tiny_benchmarks(tmp_path / "bench", images=2)
-    module = SegEvalModule(**{**args, "results_dir": str(tmp_path), "mode": "sliding"})
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    metrics = trainer.test(module, SegDataModule("voc20", str(bench["voc20"])), verbose=False)[0]
-    assert 0.0 <= metrics["test/mIoU"] <= 100.0
-    entry = json.loads((tmp_path / "dinov3txt-test.json").read_text())[-1]  # an ad-hoc run, not the table's
-    assert entry["row"] == "pretrained, sliding window s=24" and entry["images"] == 2
-
-
-def test_fit_keeps_the_student_in_eval_mode_and_trains_two_blocks(tmp_path):
-    from spar_pl.distill import DistillModule
-    from spar_pl.testing import write_sample_images
-
-    write_sample_images(tmp_path / "train", 2, seed=0)
-    config = ROOT / "configs" / "distill" / "dinov3txt-tiny.yaml"
-    main(["fit", "--config", str(config), "--data.init_args.train_source", str(tmp_path / "train"),
-          "--data.init_args.val_source", "null", "--trainer.fast_dev_run", "true",
-          "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])  # fmt: skip
-    module = DistillModule(backbone="dinov3txt", model_name=TINY_NAME, pretrained=None, crop=64)
-    module.train()
-    assert not module.student.model.training and not module.teacher.encoder.training
-    assert all(n.startswith(("model.visual.blocks.1.", "model.visual.blocks.2.")) for n in module.trainable_names)
-    assert module.on_save_checkpoint(ckpt := {"state_dict": module.state_dict()}) is None
-    assert ckpt["state_dict"] and all(k.startswith("student.") for k in ckpt["state_dict"])
-
-
-@pytest.mark.slow
-def test_table_three_rows_with_the_twin(tmp_path):
-    from spar_pl.table import table_command
-
-    table = table_command(["--backbone", "dinov3txt", "--tiny", "--results", str(tmp_path)])
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == [
-        "pretrained, single pass",
-        "pretrained, sliding window s=24",
-        "SPAR",
-    ]
-    assert all(cell.strip() not in ("-", "") for r in rows for cell in r.split("|")[2:10])  # every cell filled
-    entries = json.loads((tmp_path / "dinov3txt-tiny.json").read_text())
-    assert len(entries) == 18 and {e["config"]["backbone"] for e in entries} == {"dinov3txt"}
