@@ -598,9 +598,9 @@ def pretrain_tiny(
     from spar_pl.runner import check_writable
 
     _check_positive(steps=steps, batch_size=batch_size, threads=threads)
-    torch.set_num_threads(threads)
     path = Path(out) if out else shipped_weights()
     check_writable(path.parent, "output folder")  # before minutes of work
+    torch.set_num_threads(threads)
     pretrain(path, seed=seed, steps=steps, batch_size=batch_size)
     print(f"wrote {path}")
     return path
