@@ -255,6 +255,23 @@ def test_export_errors_are_one_line(fit_ckpt, tmp_path, capsys, extra, message):
         assert sorted(tmp_path.iterdir()) == []
 
 
+def test_export_needs_an_output_and_hub_options_need_a_hub_target(fit_ckpt, tmp_path, capsys):
+    """``spar-cli export CKPT`` names no output; ``--backbone``, ``--model-name``, ``--results``, ``--force`` and
+    ``--private`` shape a Hub folder only; an unknown backbone is named. Each is one line before any work."""
+    out = str(tmp_path / "student.safetensors")
+    for extra, message in (
+        ([], "give OUT (a .safetensors file), --hub-dir DIR and/or --push-to-hub ORG/NAME"),
+        ([out, "--results", "a.json", "b.json"], "--results: for --hub-dir / --push-to-hub only"),
+        ([out, "--model-name", TINY_CLIP, "--force", "--private"], "--model-name, --force, --private: for --hub-dir"),
+        ([out, "--hub-dir", str(tmp_path / "hub"), "--backbone", "nope"], "unknown backbone 'nope'; choose one of"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["export", str(fit_ckpt), *extra])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.iterdir()) == []
+
+
 class RecordingApi:
     """Stands in for ``huggingface_hub.HfApi``: records the calls and what the folder held at upload time."""
 

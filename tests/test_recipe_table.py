@@ -91,9 +91,9 @@ def test_distill_module_uses_the_recipe_for_teacher_and_student():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_table_tiny_end_to_end(recipe, tmp_path):
     """distill -> test: the whole recipe table on tiny generated data, every cell filled."""
-    from spar_pl.table import table_command
+    from spar_pl.table import table as paper_table
 
-    table = table_command(["--backbone", recipe, "--tiny", "--results", str(tmp_path)])
+    table = paper_table(recipe, tiny=True, results=str(tmp_path))
     lines = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
     measured = [line for line in lines if not line.startswith("| published")]
     assert [r.split("|")[1].strip() for r in measured] == list(recipe_rows(recipe))

@@ -57,6 +57,38 @@ def test_preconditions_and_ordering_are_reported_and_can_fail():
     assert text.count("NOT MET") == 3 and "every seed: NO" in text
 
 
+def test_bad_settings_stop_before_any_work(tmp_path, monkeypatch):
+    """A bad setting of ``reproduce-tiny`` or ``pretrain-tiny`` is one error naming the option, raised before a seed
+    runs, the pretraining starts or a file is written."""
+    import spar_pl.reproduce as reproduce
+
+    monkeypatch.setattr(reproduce, "run_seed", lambda *a, **k: pytest.fail("a seed ran"))
+    monkeypatch.setattr(reproduce, "pretrain", lambda *a, **k: pytest.fail("the pretraining ran"))
+    (tmp_path / "file").write_text("not a folder")
+    for kwargs, message in (
+        ({"seeds": []}, "--seeds: give at least one seed"),
+        ({"eval_images": 0}, "--eval-images must be a positive integer, got 0"),
+        ({"distill_steps": -1}, "--distill-steps must be a positive integer, got -1"),
+        ({"distill_batch": 0}, "--distill-batch must be a positive integer, got 0"),
+        ({"threads": 0}, "--threads must be a positive integer, got 0"),
+        ({"dense": "bogus"}, "unknown dense recipe 'bogus'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            reproduce.reproduce_tiny(tmp_path / "out", **kwargs)
+    with pytest.raises(PermissionError, match="output folder .--out. .*file/out cannot be created"):
+        reproduce.reproduce_tiny(tmp_path / "file" / "out")
+    for kwargs, message in (
+        ({"steps": 0}, "--steps must be a positive integer, got 0"),
+        ({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+        ({"threads": -2}, "--threads must be a positive integer, got -2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            reproduce.pretrain_tiny(str(tmp_path / "w.safetensors"), **kwargs)
+    with pytest.raises(NotADirectoryError, match="output folder .*file is a file"):
+        reproduce.pretrain_tiny(str(tmp_path / "file" / "w.safetensors"))
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 @pytest.mark.slow
 def test_reproduce_tiny_keeps_the_papers_ordering(tmp_path):
     """The whole pipeline on seed 0: single pass < sliding window and single pass < SPAR (else the mechanism broke)."""

@@ -39,10 +39,10 @@ def test_table_runs_and_rendering(tmp_path):
 
 @pytest.mark.slow
 def test_table_tiny_end_to_end(tmp_path, caplog):
-    from spar_pl.table import table_command
+    from spar_pl.table import table as paper_table
 
     with caplog.at_level(logging.INFO):
-        table = table_command(["--tiny", "--results", str(tmp_path)])
+        table = paper_table(tiny=True, results=str(tmp_path))
     assert sum("Seed set to" in r.getMessage() for r in caplog.records) == 1  # said once, not by each of 19 runs
     rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
     assert [r.split("|")[1].strip() for r in rows] == [

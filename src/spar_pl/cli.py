@@ -77,7 +77,7 @@ COMMANDS = {
     "config": Command("spar_pl.runner:show_config", "spar-cli config [NAME]", ("name",)),
     "tiny-data": Command("spar_pl.testing:write_tiny_data", "spar-cli tiny-data [OUT] [options]", ("out",)),
     "reproduce-tiny": Command(
-        "spar_pl.reproduce:reproduce_tiny", "spar-cli reproduce-tiny [options]", skip=frozenset({"students"})
+        "spar_pl.reproduce:reproduce_tiny", "spar-cli reproduce-tiny [options]", skip=frozenset({"log", "students"})
     ),
     "pretrain-tiny": Command("spar_pl.reproduce:pretrain_tiny", "spar-cli pretrain-tiny [options]"),
 }

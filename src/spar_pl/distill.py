@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from spar_pl.cache import TeacherCache, weights_fingerprint
-from spar_pl.callbacks import DataEpoch, SkippedImages
+from spar_pl.callbacks import CacheWriter, DataEpoch, SkippedImages
 from spar_pl.data import with_multiple
 from spar_pl.encoders import DenseEncoder, ModelSpec
 from spar_pl.images import READER_VERSION
@@ -254,3 +254,46 @@ class TeacherCacheTask(L.LightningModule):
         if not self.store.is_valid(image_id, content, shape):
             out["features"] = self.distill.teacher_features(self.distill.student.normalize(image))[0]
         return out
+
+
+def fill_teacher_cache(model: DistillModule, datamodule, trainer: L.Trainer) -> dict:
+    """Run the teacher once over the training set into ``model.teacher_cache`` with ``trainer``: its device(s),
+    strategy (DDP over ``devices`` x ``num_nodes``, each rank a disjoint share of the images) and precision
+    (``spar-cli cache``, :class:`TeacherCacheTask` and :class:`~spar_pl.callbacks.CacheWriter`). Resumable: valid
+    entries are kept after a header check; missing, corrupt or stale ones are computed. Rank 0 prints one summary for
+    the whole job.
+
+    Args:
+        model: the distillation model whose teacher fills the cache (``teacher_cache`` set).
+        datamodule: the :class:`~spar_pl.data.DistillDataModule` whose training images are cached.
+        trainer: the trainer of the run (a :class:`~spar_pl.callbacks.CacheWriter` is added to its callbacks).
+
+    Returns:
+        the counts over all ranks (``written``, ``kept``, ``recomputed``, ``skipped``), ``bytes_per_image`` (float16
+        safetensors entries), ``float32_bytes_per_image`` (the raw features) and ``per_rank_written``.
+    """
+    task = TeacherCacheTask(model, datamodule)
+    writer = CacheWriter()
+    trainer.callbacks.append(writer)
+    trainer.predict(task, return_predictions=False)
+    totals = writer.totals
+    n = max(totals["written"] + totals["kept"], 1)
+    numbers = {
+        **{k: totals[k] for k in ("written", "kept", "recomputed", "skipped")},
+        "bytes_per_image": totals["bytes"] / n,
+        "float32_bytes_per_image": totals["float32_bytes"] / n,
+        "per_rank_written": [r["written"] for r in writer.per_rank],
+    }
+    if trainer.is_global_zero:
+        written = ", ".join(str(w) for w in numbers["per_rank_written"])
+        per_rank = (
+            f" over {len(writer.per_rank)} ranks (written per rank: {written})" if len(writer.per_rank) > 1 else ""
+        )
+        print(
+            f"cache {task.store.root}: {totals['written']} written, {totals['kept']} already valid, "
+            f"{totals['recomputed']} corrupt or stale recomputed, {totals['skipped']} unusable images skipped (named "
+            f"above){per_rank}; {numbers['bytes_per_image']:,.0f} bytes per image "
+            f"as float16 safetensors against {numbers['float32_bytes_per_image']:,.0f} for the raw float32 features "
+            f"({numbers['bytes_per_image'] / max(numbers['float32_bytes_per_image'], 1):.2f}x)"
+        )
+    return numbers

@@ -14,13 +14,15 @@ into a folder a Hub model repository can hold:
 :func:`hub_encoder` loads such a folder by ``hf-hub:ORG/NAME`` (through ``huggingface_hub``: online, or from its
 local cache with ``HF_HUB_OFFLINE=1``) or ``local-dir:PATH``; :func:`~spar_pl.encoders.build_encoder` hands it
 those ids. An id without a spar-pl config is an ordinary open_clip model and is left to open_clip.
-:func:`push_hub_dir` uploads a folder with ``huggingface_hub``'s ``HfApi``.
+:func:`push_hub_dir` uploads a folder with ``huggingface_hub``'s ``HfApi``. :func:`export` (``spar-cli export``)
+writes a checkpoint's weights file, its folder, or both, and uploads the folder.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +34,7 @@ __all__ = [
     "OPEN_CLIP_CONFIG",
     "OPEN_CLIP_WEIGHTS",
     "SPAR_CONFIG",
+    "export",
     "export_hub_dir",
     "hub_encoder",
     "hub_token",
@@ -528,3 +531,99 @@ def push_hub_dir(folder: str | Path, repo_id: str, token: str, private: bool = F
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Add SPAR student")
     return str(url)
+
+
+# -- spar-cli export --------------------------------------------------------------------------------------------------
+
+
+def export(
+    checkpoint: str,
+    out: str | None = None,
+    hub_dir: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    backbone: str | None = None,
+    model_name: str | None = None,
+    results: list[str] | None = None,
+    license: str = "other",
+    force: bool = False,
+) -> Path:
+    """A distilled student out of a SPAR checkpoint (a ``spar-cli fit`` checkpoint's student, an authors' ``.ckpt``,
+    ...), read safely, never unpickled: its open_clip weights as one safetensors file (``out``), and/or a Hugging Face
+    Hub model folder (open_clip's Hub files, a spar-pl config and a model card; :func:`export_hub_dir`) written to
+    ``hub_dir`` and/or uploaded with ``huggingface_hub`` (``push_to_hub``).
+
+    Every check comes before any work (the repository id and token, the Hub folder and its parent), and a failed
+    export writes nothing: with both ``out`` and a Hub target, the weights file is written after the folder.
+
+    Args:
+        checkpoint: a SPAR checkpoint (``.ckpt`` of ``spar-cli fit`` or of the authors).
+        out: output ``.safetensors`` file, for ``build_encoder(weights=...)``.
+        hub_dir: write a Hub model folder here (refused if it holds files).
+        push_to_hub: upload the Hub folder to this repository, ``ORG/NAME`` (token: ``HF_TOKEN`` or
+            ``hf auth login``).
+        private: create the Hub repository private.
+        backbone: the backbone, for checkpoints recording none (the authors'); Hub targets only.
+        model_name: base open_clip model (default: the checkpoint's); Hub targets only.
+        results: ``spar-cli test`` / ``spar-cli table`` results files (JSON) for the model card; Hub targets only.
+        license: the model card's license id.
+        force: replace a ``hub_dir`` that holds files.
+
+    Returns:
+        the weights file when only ``out`` is given, else the Hub folder (``hub_dir``), else the repository id.
+
+    Raises:
+        ValueError: no output named, a Hub option without a Hub target, a bad repository id, no token, a Hub folder
+            that holds files, or a checkpoint that does not match its model.
+        FileNotFoundError: the checkpoint or a results file does not exist.
+        SystemExit: a model that needs the network, a failed upload, a full disk (its one line).
+    """
+    from spar_pl.families import backbone_family
+    from spar_pl.runner import check_writable
+    from spar_pl.weights import export_weights
+
+    results = list(results or [])
+    to_hub = hub_dir is not None or push_to_hub is not None
+    if out is None and not to_hub:
+        raise ValueError("give OUT (a .safetensors file), --hub-dir DIR and/or --push-to-hub ORG/NAME")
+    hub_only = {"--backbone": backbone, "--model-name": model_name, "--results": results or None}
+    hub_only.update({"--force": force or None, "--private": private or None})
+    if not to_hub and any(v is not None for v in hub_only.values()):
+        given = ", ".join(k for k, v in hub_only.items() if v is not None)
+        raise ValueError(f"{given}: for --hub-dir / --push-to-hub only")
+    if backbone is not None:
+        backbone_family(backbone)  # an unknown backbone: one line naming the known ones
+    token = None
+    if push_to_hub is not None:  # before any work: a bad id or a missing token
+        check_repo_id(push_to_hub)
+        token = hub_token()
+    if hub_dir is not None:
+        check_out_dir(hub_dir, force, [checkpoint, *results])
+        check_writable(Path(hub_dir).absolute().parent, "parent folder of --hub-dir")
+    if not to_hub:
+        return export_weights(checkpoint, out)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = export_hub_dir(
+                checkpoint,
+                hub_dir or Path(scratch) / "model",
+                backbone=backbone,
+                model_name=model_name,
+                results=results,
+                license_id=license,
+                repo_id=push_to_hub,
+                force=force,
+            )
+            if hub_dir is not None:
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                print(f"wrote {folder}: {', '.join(files)}")
+            if out is not None:  # after the Hub folder, whose checks come first: a failed export writes nothing
+                export_weights(checkpoint, out)
+            if push_to_hub is not None:
+                url = push_hub_dir(folder, push_to_hub, token, private)
+                print(f"uploaded to {url}")
+    except FileNotFoundError:  # a missing checkpoint or results file: spar-cli's main names it
+        raise
+    except (OSError, RuntimeError) as err:  # a model that needs the network, a failed upload, a full disk
+        raise SystemExit(str(err)) from err  # spar-cli's main prints it once, as "spar-cli export: error: ..."
+    return Path(hub_dir) if hub_dir else Path(push_to_hub)

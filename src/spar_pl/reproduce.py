@@ -495,6 +495,13 @@ def draw_figure(runs: dict[int, dict[str, float]], path: str | Path) -> Path:
     return path
 
 
+def _check_positive(**values: int) -> None:
+    """``ValueError`` naming the option (``distill_steps`` as ``--distill-steps``) of the first value below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
 def reproduce_tiny(
     out: str | Path = "results",
     seeds: Sequence[int] = (0, 1, 2),
@@ -508,10 +515,12 @@ def reproduce_tiny(
     dense: str | None = None,
     students: dict | None = None,
 ) -> dict[int, dict[str, float]]:
-    """The whole experiment over ``seeds``; prints the table, writes ``reproduce-tiny.md`` and ``reproduce-tiny.png``.
+    """Single pass vs sliding window vs SPAR on generated scenes at 4x the native side, with the shipped tiny
+    pretrained model, over ``seeds``: prints the table, writes ``reproduce-tiny.md`` and ``reproduce-tiny.png``,
+    returns each seed's numbers.
 
     Args:
-        out: results folder.
+        out: results folder; ``reproduce-tiny.md`` and ``reproduce-tiny.png`` are written here (checked first).
         seeds: experiment seeds (held-out scenes, distillation scenes and initialisation of each run).
         weights: the pretrained tiny model (default: the shipped one).
         eval_images: held-out 256 px scenes per seed (the native precondition uses 4x as many 64 px scenes).
@@ -523,9 +532,23 @@ def reproduce_tiny(
         dense: the last block's recipe (:mod:`spar_pl.recipes`) of the model, its teacher and SPAR's student; the
             files are then ``reproduce-tiny-<dense>.md`` and ``.png``.
         students: when given, receives each seed's distilled student (``students[seed]``).
+
+    Raises:
+        ValueError: no seed, a count below 1, or an unknown dense recipe.
+        NotADirectoryError, PermissionError: an output folder that cannot be written (before any work).
     """
     from spar_pl.fileio import write_text
+    from spar_pl.recipes import check_recipe
+    from spar_pl.runner import check_writable
 
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    _check_positive(eval_images=eval_images, distill_steps=distill_steps, distill_batch=distill_batch)
+    if threads is not None:
+        _check_positive(threads=threads)
+    if dense is not None:
+        check_recipe(dense)
+    check_writable(out, "output folder (--out)")  # before minutes of work
     if threads:
         torch.set_num_threads(threads)
     weights = Path(weights) if weights else shipped_weights()
@@ -549,3 +572,35 @@ def reproduce_tiny(
     log(text)
     log(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.png'}")
     return runs
+
+
+def pretrain_tiny(
+    out: str | None = None,
+    seed: int = PRETRAIN_DEFAULTS["seed"],
+    steps: int = PRETRAIN_DEFAULTS["steps"],
+    batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
+    threads: int = 2,
+) -> Path:
+    """Re-create the shipped tiny pretrained model (``spar-tiny-p8`` on shape scenes; :func:`pretrain` with the
+    recipe of :data:`PRETRAIN_DEFAULTS`); prints the file written and returns it.
+
+    Args:
+        out: safetensors file (default: the package's shipped weights, :func:`shipped_weights`).
+        seed: seeds the initialisation and the scene stream.
+        steps: optimiser steps.
+        batch_size: scenes per step.
+        threads: torch CPU threads.
+
+    Raises:
+        ValueError: a count below 1.
+        NotADirectoryError, PermissionError: an output folder that cannot be written (before any work).
+    """
+    from spar_pl.runner import check_writable
+
+    _check_positive(steps=steps, batch_size=batch_size, threads=threads)
+    path = Path(out) if out else shipped_weights()
+    check_writable(path.parent, "output folder")  # before minutes of work
+    torch.set_num_threads(threads)
+    pretrain(path, seed=seed, steps=steps, batch_size=batch_size)
+    print(f"wrote {path}")
+    return path

@@ -2,7 +2,8 @@
 
 :func:`table_runs` lists the runs (the packaged eval and backbone configs composed), :func:`run_table` runs them in
 this process through :func:`spar_pl.runner.run_lightning` (each appends to ``results/<backbone>.json``) and
-:func:`render_table` writes ``results/<backbone>.md``; :func:`table_tiny` does it all on generated data.
+:func:`render_table` writes ``results/<backbone>.md``; :func:`table_tiny` does it all on generated data;
+:func:`table` (``spar-cli table``) is the one call for either.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from spar_pl.callbacks import read_results
 from spar_pl.fileio import write_text
-from spar_pl.runner import command_help, config_path, run_lightning
+from spar_pl.runner import check_writable, config_path, run_lightning
 
 #: Column order of the paper's tables (``docs/method.md`` section 5) and their headers.
 TABLE_COLUMNS = {
@@ -224,33 +225,42 @@ def run_table(backbone: str, checkpoint: str | None, results_dir: str = "results
     return table
 
 
-def table_command(argv=None) -> str:
-    """``spar-cli table --backbone B [--ckpt SPAR.ckpt] [--tiny]``: the paper's table for a backbone config.
+def table(
+    backbone: str = "siglip2",
+    ckpt: str | None = None,
+    results: str = "results",
+    render_only: bool = False,
+    tiny: bool = False,
+) -> str:
+    """The paper's table for a backbone config: its evaluations run in this process, rendered as
+    ``<results>/<backbone>.md``, printed and returned.
 
-    ``--tiny`` writes tiny versions of the six benchmarks in their official layouts, distils the tiny
+    ``tiny`` writes tiny versions of the six benchmarks in their official layouts, distils the tiny
     model for a SPAR checkpoint, and runs the whole table with ``configs/backbones/tiny.yaml`` on a CPU
     (``--backbone dinov3txt --tiny``: the DINOv3.txt tiny twin, ``configs/*/dinov3txt-tiny.yaml``).
-    """
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="spar-cli table", description=command_help(table_command.__doc__))
-    parser.add_argument(
-        "--backbone", default="siglip2", help="a config in configs/backbones/ (siglip2, maskclip, dinov3txt, ...)"
-    )
-    parser.add_argument("--ckpt", default=None, help="SPAR checkpoint for the SPAR row")
-    parser.add_argument("--results", default="results", help="results folder")
-    parser.add_argument("--render-only", action="store_true", help="only render results/<backbone>.md")
-    parser.add_argument("--tiny", action="store_true", help="tiny model and generated benchmarks (CPU, offline)")
-    args = parser.parse_args(argv)
-    if args.render_only:
-        results, name = Path(args.results), tiny_twin(args.backbone)[0] if args.tiny else args.backbone
-        table = render_table(results / f"{name}.json", results / f"{name}.md", None, *table_rows(name))
-        print(table)
-        return table
-    if not args.tiny:
-        return run_table(args.backbone, args.ckpt, args.results)
-    name, overrides = tiny_twin(args.backbone)
-    return table_tiny(Path(args.results), name, overrides)
+    Args:
+        backbone: a config in ``configs/backbones/`` (``siglip2``, ``maskclip``, ``dinov3txt``, ``sclip``, ...).
+        ckpt: SPAR checkpoint for the SPAR row (none: the table has no SPAR row).
+        results: results folder (checked writable before any evaluation, unless ``render_only``).
+        render_only: only render ``<results>/<backbone>.md`` from its results file.
+        tiny: tiny model and generated benchmarks (CPU, offline).
+
+    Raises:
+        FileNotFoundError: no such backbone config, or (``render_only``) no results file.
+        NotADirectoryError, PermissionError: a results folder that cannot be written.
+    """
+    folder = Path(results)
+    if render_only:
+        name = tiny_twin(backbone)[0] if tiny else backbone
+        text = render_table(folder / f"{name}.json", folder / f"{name}.md", None, *table_rows(name))
+        print(text)
+        return text
+    check_writable(folder, "results folder (--results)")  # a finished evaluation must not be lost to it
+    if not tiny:
+        return run_table(backbone, ckpt, results)
+    name, overrides = tiny_twin(backbone)
+    return table_tiny(folder, name, overrides)
 
 
 def tiny_twin(backbone: str) -> tuple[str, list[str]]:

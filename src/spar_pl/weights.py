@@ -29,6 +29,7 @@ __all__ = [
     "LAYOUTS",
     "CheckpointError",
     "describe_keys",
+    "export_weights",
     "load_checkpoint",
     "load_state_strict",
     "read_checkpoint",
@@ -193,6 +194,34 @@ def strip_layout(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[di
     carried = [p for p in sorted(LAYOUTS, key=len, reverse=True) if all(k.startswith(p) for k in state)]
     prefix = next((p for p in carried if {k[len(p) :] for k in state} & expected), carried[0])
     return {k[len(prefix) :]: v for k, v in state.items()}, prefix
+
+
+def export_weights(checkpoint: str | Path, out: str | Path) -> Path:
+    """The model's open_clip weights out of a SPAR checkpoint (any layout of :data:`LAYOUTS` but a plain state dict)
+    as one safetensors file, for ``build_encoder(weights=...)``; prints what it wrote and returns the file.
+
+    Args:
+        checkpoint: a SPAR checkpoint (a ``spar-cli fit`` checkpoint, an authors' ``.ckpt``, ...), read safely.
+        out: the ``.safetensors`` file to write (atomically).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        CheckpointError: not a checkpoint, or unsafe.
+        ValueError: a plain state dict (no layout to remove: it is already loadable as weights).
+    """
+    from spar_pl.fileio import save_safetensors
+
+    path = Path(checkpoint)
+    state, prefix = strip_layout(read_state_dict(path), set())
+    if not prefix:
+        raise ValueError(
+            f"{path} carries no known checkpoint layout ({', '.join(p for p in LAYOUTS if p)}); a plain state dict "
+            "is already loadable with --weights"
+        )
+    weights = {k: v.contiguous() for k, v in state.items()}
+    written = save_safetensors(weights, out, {"source": str(path), "format": "open_clip", "layout": prefix})
+    print(f"wrote {len(weights)} tensors ({LAYOUTS[prefix]}) to {written}")
+    return written
 
 
 def _show(keys: list[str]) -> str:
