@@ -93,9 +93,9 @@ def test_fit_keeps_the_student_in_eval_mode_and_trains_two_blocks(tmp_path):
 
 @pytest.mark.slow
 def test_table_three_rows_with_the_twin(tmp_path):
-    from spar_pl.table import table_command
+    from spar_pl.table import table as paper_table
 
-    table = table_command(["--backbone", "dinov3txt", "--tiny", "--results", str(tmp_path)])
+    table = paper_table("dinov3txt", tiny=True, results=str(tmp_path))
     rows = [line for line in table.splitlines() if line.startswith("| ") and "inference" not in line]
     assert [r.split("|")[1].strip() for r in rows] == [
         "pretrained, single pass",

@@ -78,7 +78,7 @@ def test_render_table_prints_published_rows(tmp_path):
 
 
 def test_distill_module_uses_the_recipe_for_teacher_and_student():
-    module = DistillModule("maskclip", "spar-tiny-clip", pretrained=None, crop=64, dense="naclip")
+    module = DistillModule(backbone="maskclip", model_name="spar-tiny-clip", pretrained=None, crop=64, dense="naclip")
     assert module.student.dense == "naclip" and module.teacher.encoder.dense == "naclip"
     last = len(module.student.blocks) - 1
     assert not any(n.startswith(f"model.visual.transformer.resblocks.{last}.mlp.") for n in module.trainable_names)

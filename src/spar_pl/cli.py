@@ -147,8 +147,11 @@ def normalise_args(argv: Sequence[str], kinds: dict, positionals: Sequence[str])
         if not eq and key.startswith("no_") and kinds.get(key[3:], ("",))[0] == "bool":
             out += [f"--{key[3:]}", "false"]
             continue
-        if key not in kinds:
+        if key not in kinds:  # jsonargparse names it, with the values that follow it
             out.append(token)
+            while not eq and i < len(argv) and not argv[i].startswith("-"):
+                out.append(argv[i])
+                i += 1
             continue
         kind, element = kinds[key]
         if eq:
