@@ -94,6 +94,14 @@ def test_quickstart_on_a_user_image_and_bad_image(tmp_path, capsys):
         quickstart(image=str(tmp_path / "bad.jpg"), out=str(tmp_path / "o"), distill=False)
 
 
+def test_the_shipped_model_on_a_user_image(tmp_path, capsys):
+    """The shipped model on the user's image: its masks at the image's size; no ground truth, so no mIoU."""
+    Image.new("RGB", (90, 60), (200, 30, 30)).save(tmp_path / "me.png")
+    numbers = quickstart(image=str(tmp_path / "me.png"), out=str(tmp_path / "o"), distill=False)
+    assert np.asarray(Image.open(tmp_path / "o" / "labels_sliding.png")).shape == (60, 90)
+    assert not [k for k in numbers if k.startswith("image_mIoU")] and "shipped" in capsys.readouterr().out
+
+
 def test_quickstart_user_errors_are_one_line(tmp_path, capsys):
     """A class list of one class, an output folder that is a file: one line, status 1, nothing written."""
     (tmp_path / "file").write_text("not a folder")

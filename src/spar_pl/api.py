@@ -527,7 +527,9 @@ def segment_images(
     Raises:
         UsageError: a bad class list (or none, or both), more than 256 classes, an unknown mode or precision, a
             window that cannot run, a size below 1.
-        SystemExit: the model cannot be built (one line), or an input failed (status 1, after the run).
+        FileNotFoundError: a weights or checkpoint file that does not exist.
+        ValueError: a checkpoint that does not match the model.
+        SystemExit: any other failure to build the model (one line), or an input failed (status 1, after the run).
     """
     mode = _check_batch_options(mode, SEGMENT_MODES, stride, crop, max_side, precision)
     if (classes is None) == (classes_file is None):
@@ -606,7 +608,9 @@ def write_feature_files(
 
     Raises:
         UsageError: an unknown mode, precision or dtype, a window that cannot run, a size below 1.
-        SystemExit: the model cannot be built (one line), or an input failed (status 1, after the run).
+        FileNotFoundError: a weights or checkpoint file that does not exist.
+        ValueError: a checkpoint that does not match the model.
+        SystemExit: any other failure to build the model (one line), or an input failed (status 1, after the run).
     """
     mode = _check_batch_options(mode, FEATURE_MODES, stride, crop, max_side, precision)
     if dtype not in ("float16", "float32"):
@@ -646,11 +650,14 @@ def _batch_model(
     crop: int | None,
     modes: Sequence[str],
 ) -> SPAR:
-    """The model of a batch, its window checked (``UsageError``) before any image is read; a model that cannot be
-    built is one line (``SystemExit``)."""
+    """The model of a batch, its window checked (``UsageError``) before any image is read. A missing file or a
+    model that does not match raises as :func:`load` does; any other failure to build it (no network for a Hub
+    model, open_clip's own errors) is one line (``SystemExit``)."""
     try:
         spar = load(model, device=device, precision=precision)
-    except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
+    except (FileNotFoundError, ValueError):
+        raise
+    except (OSError, RuntimeError, NotImplementedError) as err:
         raise SystemExit(str(err)) from err  # spar-cli prints it once, as "spar-cli segment: error: ..."
     try:
         spar.check_mode(mode, stride, modes, crop)
