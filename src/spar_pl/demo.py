@@ -213,18 +213,17 @@ def load_models(
     from spar_pl.reproduce import TINY_MODEL, shipped_spec
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spec = shipped_spec(model)
-    if spec is not None:
+    shipped = shipped_spec(model)
+    spec = shipped or model
+    base = load(spec, device=device, precision=precision)
+    if shipped is not None:
         from spar_pl.images import to_pil
         from spar_pl.scenes import SHAPE_CLASSES, make_scenes
 
-        base = load(spec, device=device, precision=precision)
         classes = list(SHAPE_CLASSES)
         examples = [to_pil(image) for image in make_scenes(3, 256, 0, "demo")[0]]
         name = f"{TINY_MODEL} (shipped tiny model, pretrained on generated shape scenes)"
     else:
-        spec = model
-        base = load(spec, device=device, precision=precision)
         classes, examples = (list(scene[0]), [scene[1]]) if scene is not None else ([], [])
         name = base.model_name
     distilled = None
