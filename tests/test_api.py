@@ -306,6 +306,34 @@ def test_collect_images_and_distinct_output_stems(tmp_path):
     assert stems[tmp_path / "a" / "x.jpg"] == "a_x_jpg" and stems[tmp_path / "a" / "x.png"] == "a_x_png"
 
 
+def test_segment_images_and_write_feature_files(tmp_path, capsys):
+    """``spar-cli segment`` and ``features`` as Python calls: files per image, the count returned; a wrong argument
+    is a ``UsageError`` (a ``ValueError``) before any file is written."""
+    from spar_pl.runner import UsageError
+
+    scene_image(64, 96).save(tmp_path / "a.png")
+    tiny = spar_pl.ModelSpec("siglip2", "spar-tiny-sl2")
+    done = api.segment_images([str(tmp_path / "a.png")], str(tmp_path / "s"), CLASSES, model=tiny, device="cpu")
+    assert done == 1 and np.asarray(Image.open(tmp_path / "s" / "a_labels.png")).shape == (64, 96)
+    assert "segment: 1 of 1 images done" in capsys.readouterr().out
+    done = api.write_feature_files([str(tmp_path)], str(tmp_path / "f"), tiny, "cpu", "sliding", dtype="float32")
+    with safe_open(str(tmp_path / "f" / "a.safetensors"), "pt") as fh:
+        assert done == 1 and fh.metadata()["mode"] == "sliding-features" and fh.metadata()["dtype"] == "float32"
+    image, out = [str(tmp_path / "a.png")], str(tmp_path / "x")
+    for call, message in (
+        (lambda: api.segment_images(image, out, model=tiny), "one of the arguments --classes --classes-file"),
+        (lambda: api.segment_images(image, out, ["sky"], model=tiny), "at least two classes"),
+        (lambda: api.segment_images(image, out, [f"c{k}" for k in range(257)], model=tiny), "257 classes"),
+        (lambda: api.segment_images(image, out, CLASSES, model=tiny, mode="zigzag"), "unknown mode 'zigzag'"),
+        (lambda: api.write_feature_files(image, out, tiny, mode="sliding-logits"), "unknown mode 'sliding-logits'"),
+        (lambda: api.write_feature_files(image, out, tiny, mode="sliding", crop=30), "crop 30 is not a multiple"),
+        (lambda: api.write_feature_files(image, out, tiny, max_side=0), "--max-side must be a positive integer"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            call()
+    assert issubclass(UsageError, ValueError) and not (tmp_path / "x").exists()
+
+
 def test_notebook_executes(tmp_path):
     import nbformat
     from nbclient import NotebookClient

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from spar_pl.cli import main  # noqa: E402
 from spar_pl.demo import SINGLE, SLIDING, STUDENT, build_app, launch_options, load_models, segment_request  # noqa: E402
+from spar_pl.encoders import ModelSpec  # noqa: E402
 from spar_pl.images import to_pil  # noqa: E402
 from spar_pl.scenes import SHAPE_CLASSES, make_scenes  # noqa: E402
 
@@ -26,14 +26,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 CLASSES = "\n".join(SHAPE_CLASSES)
 
 
-def options(**overrides) -> argparse.Namespace:
-    """``spar-cli demo``'s defaults: the shipped tiny model."""
+def options(**overrides) -> dict:
+    """``load_models``'s arguments: ``spar-cli demo``'s defaults (the shipped tiny model), on the CPU, with small
+    upload limits."""
     values = dict(
-        backbone=None,
-        model_name=None,
-        pretrained=None,
-        weights=None,
-        head_weights=None,
+        model=ModelSpec(),
         student=None,
         device="cpu",
         precision="32-true",
@@ -43,7 +40,7 @@ def options(**overrides) -> argparse.Namespace:
         max_pixels=200_000,
         max_file_mb=1,
     )
-    return argparse.Namespace(**{**values, **overrides})
+    return {**values, **overrides}
 
 
 def free_port() -> int:
@@ -54,7 +51,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def models():
-    return load_models(options())
+    return load_models(**options())
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +144,7 @@ def test_demo_student_choice_from_a_checkpoint(tmp_path):
 
     state = {f"student.model.{k}": v for k, v in load_file(str(shipped_weights())).items()}
     save_file(state, str(tmp_path / "student.safetensors"))
-    models = load_models(options(student=str(tmp_path / "student.safetensors")))
+    models = load_models(**options(student=str(tmp_path / "student.safetensors")))
     assert models.modes() == [SINGLE, SLIDING, STUDENT]
     image = np.asarray(to_pil(make_scenes(1, 128, 2, "demo-test")[0][0]))
     gallery, _, files = segment_request(models, image, CLASSES, [SINGLE, STUDENT], 512, tmp_path)

@@ -1,7 +1,8 @@
 """Inference on your own images: :func:`load` returns a :class:`SPAR` with ``.features`` and ``.segment``.
 
-This module also holds the work behind ``spar-cli segment`` and ``spar-cli features`` (collecting image
-files, output names that never collide, a run that continues past bad files), so the CLI stays thin.
+:func:`segment_images` and :func:`write_feature_files` are ``spar-cli segment`` and ``spar-cli features``: the same
+model over files and folders of images (collecting image files, output names that never collide, a run that
+continues past bad files).
 
 Input images of any kind become one float RGB tensor ``(3, H, W)`` in ``[0, 1]`` through the one image reader
 shared with training and evaluation (:func:`spar_pl.images.read_image`: EXIF orientation, transparency over white,
@@ -41,6 +42,7 @@ from spar_pl.images import (
 )
 from spar_pl.openvocab import OpenVocabHead, parse_classes
 from spar_pl.render import label_image, overlay, save_atomic
+from spar_pl.runner import UsageError, check_writable
 from spar_pl.sliding import FEATURE_MODES, SEGMENT_MODES, check_window, dense_features, resolve_mode
 
 __all__ = [
@@ -53,6 +55,8 @@ __all__ = [
     "output_stems",
     "read_image",
     "run_images",
+    "segment_images",
+    "write_feature_files",
 ]
 
 #: ``format`` metadata of the features files written by :meth:`SPAR.write_features`.
@@ -474,3 +478,204 @@ def run_images(paths: Sequence[Path], work: Callable[[Path], object], desc: str)
             failures.append((path, message))
             tqdm.write(f"failed: {message}", file=sys.stderr)
     return failures
+
+
+def segment_images(
+    inputs: list[str],
+    out: str,
+    classes: list[str] | None = None,
+    classes_file: str | None = None,
+    model: ModelSpec | None = None,
+    device: str | None = None,
+    mode: str = "single",
+    stride: int = 24,
+    crop: int | None = None,
+    max_side: int | None = None,
+    precision: str = "32-true",
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    save_probs: bool = False,
+) -> int:
+    """Per image a colour overlay with a legend (``<stem>_overlay.png``), the palette label PNG
+    (``<stem>_labels.png``) and, with ``save_probs``, float16 class probabilities (``<stem>_probs.safetensors``),
+    all at the image's original size.
+
+    The arguments are checked before the model is built and the model's window before any image is read; a file
+    that fails is reported and the run goes on.
+
+    Args:
+        inputs: image files and folders of images.
+        out: output folder.
+        classes: one class per entry; commas list synonyms: ``road "person, man"``.
+        classes_file: a class file, one class a line, synonyms ``name, synonym`` (or a benchmark name: ``voc21``
+            ...). Exactly one of ``classes`` and ``classes_file``.
+        model: the model (default: the ``siglip2`` preset).
+        device: ``cuda``, ``cpu``, ... (default: ``cuda`` when available).
+        mode: ``single`` (one pass) or ``sliding`` (a sliding window: ``sliding-logits``, the authors' evaluation
+            baseline; ``sliding-features``, the distillation teacher's features).
+        stride: sliding-window stride.
+        crop: sliding-window side (default: the model's native size).
+        max_side: downscale longer sides to this first.
+        precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast of the encoder).
+        logit_scale: multiplier on cosine similarities before the softmax over synonyms.
+        prob_thd: pixels scoring below this become class 0.
+        save_probs: also write ``<stem>_probs.safetensors`` (K, H, W).
+
+    Returns:
+        The number of images done.
+
+    Raises:
+        UsageError: a bad class list (or none, or both), more than 256 classes, an unknown mode or precision, a
+            window that cannot run, a size below 1.
+        FileNotFoundError: a weights or checkpoint file that does not exist.
+        ValueError: a checkpoint that does not match the model.
+        SystemExit: any other failure to build the model (one line), or an input failed (status 1, after the run).
+    """
+    mode = _check_batch_options(mode, SEGMENT_MODES, stride, crop, max_side, precision)
+    if (classes is None) == (classes_file is None):
+        raise UsageError(
+            "one of the arguments --classes --classes-file is required"
+            if classes is None
+            else "argument --classes-file: not allowed with argument --classes"
+        )
+    check_writable(out, "output folder (--out)")
+    try:
+        if classes is not None:
+            parsed = parse_classes(classes, min_classes=2, option="--classes")
+        else:
+            parsed = parse_classes(classes_file, min_classes=2)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    if len(parsed) > 256:
+        raise UsageError(f"{len(parsed)} classes: the label PNG holds at most 256")
+    entries = [", ".join(names) for names in parsed]
+    spar = _batch_model(model, device, precision, mode, stride, crop, SEGMENT_MODES)
+    shown = "; ".join(entries[:12]) + (f"; ... ({len(entries) - 12} more)" if len(entries) > 12 else "")
+    print(f"{spar}: {len(entries)} classes ({shown}), mode {mode}, precision {precision}")
+
+    def work(path: Path, stem: str) -> None:
+        probs_file = Path(out) / f"{stem}_probs.safetensors" if save_probs else None
+        result = spar.segment(
+            path,
+            entries,
+            mode,
+            stride,
+            crop,
+            logit_scale,
+            prob_thd,
+            max_side,
+            probs_file=probs_file,  # written in pieces while the mask is computed
+        )
+        result.save(out, stem)
+
+    return _run_batch(inputs, out, work, "segment")
+
+
+def write_feature_files(
+    inputs: list[str],
+    out: str,
+    model: ModelSpec | None = None,
+    device: str | None = None,
+    mode: str = "single",
+    stride: int = 24,
+    crop: int | None = None,
+    max_side: int | None = None,
+    precision: str = "32-true",
+    dtype: str = "float16",
+    upsample: bool = False,
+) -> int:
+    """Dense features per image as ``<stem>.safetensors``: tensor ``features`` (1, C, h, w) (NCHW) with metadata
+    (backbone, model, mode, stride, image and input sizes, dtype; :meth:`SPAR.write_features`).
+
+    The arguments are checked before the model is built and the model's window before any image is read; a file
+    that fails is reported and the run goes on.
+
+    Args:
+        inputs: image files and folders of images.
+        out: output folder.
+        model: the model (default: the ``siglip2`` preset).
+        device: ``cuda``, ``cpu``, ... (default: ``cuda`` when available).
+        mode: ``single`` (one pass) or ``sliding`` (the sliding-window teacher, ``sliding-features``).
+        stride: sliding-window stride.
+        crop: sliding-window side (default: the model's native size).
+        max_side: downscale longer sides to this first.
+        precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast of the encoder).
+        dtype: ``float16`` or ``float32``, the dtype of the written features.
+        upsample: resize the features to the image size (H, W).
+
+    Returns:
+        The number of images done.
+
+    Raises:
+        UsageError: an unknown mode, precision or dtype, a window that cannot run, a size below 1.
+        FileNotFoundError: a weights or checkpoint file that does not exist.
+        ValueError: a checkpoint that does not match the model.
+        SystemExit: any other failure to build the model (one line), or an input failed (status 1, after the run).
+    """
+    mode = _check_batch_options(mode, FEATURE_MODES, stride, crop, max_side, precision)
+    if dtype not in ("float16", "float32"):
+        raise UsageError(f"--dtype: unknown dtype {dtype!r}; choose one of float16, float32")
+    check_writable(out, "output folder (--out)")
+    spar = _batch_model(model, device, precision, mode, stride, crop, FEATURE_MODES)
+    print(f"{spar}: mode {mode}, {dtype}{', upsampled to the image size' if upsample else ''}")
+
+    def work(path: Path, stem: str) -> None:
+        spar.write_features(
+            path, Path(out) / f"{stem}.safetensors", mode, stride, crop, upsample, max_side, getattr(torch, dtype)
+        )
+
+    return _run_batch(inputs, out, work, "features")
+
+
+def _check_batch_options(
+    mode: str, modes: Sequence[str], stride: int, crop: int | None, max_side: int | None, precision: str
+) -> str:
+    """The mode resolved among ``modes``; ``UsageError`` for it, a size below 1 or an unknown precision."""
+    for option, value in (("--stride", stride), ("--crop", crop), ("--max-side", max_side)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be a positive integer, got {value}")
+    try:
+        autocast(precision, "cpu")
+        return resolve_mode(mode, tuple(modes))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _batch_model(
+    model: ModelSpec | None,
+    device: str | None,
+    precision: str,
+    mode: str,
+    stride: int,
+    crop: int | None,
+    modes: Sequence[str],
+) -> SPAR:
+    """The model of a batch, its window checked (``UsageError``) before any image is read. A missing file or a
+    model that does not match raises as :func:`load` does; any other failure to build it (no network for a Hub
+    model, open_clip's own errors) is one line (``SystemExit``)."""
+    try:
+        spar = load(model, device=device, precision=precision)
+    except (FileNotFoundError, ValueError):
+        raise
+    except (OSError, RuntimeError, NotImplementedError) as err:
+        raise SystemExit(str(err)) from err  # spar-cli prints it once, as "spar-cli segment: error: ..."
+    try:
+        spar.check_mode(mode, stride, modes, crop)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return spar
+
+
+def _run_batch(inputs: Sequence[str], out: str, work: Callable[[Path, str], object], desc: str) -> int:
+    """Run ``work(path, stem)`` over the inputs; print a summary; exit 1 after the run if any input failed."""
+    paths, failures = collect_images(inputs)
+    stems = output_stems(paths)
+    failed = run_images(paths, lambda path: work(path, stems[path]), desc)
+    print(f"{desc}: {len(paths) - len(failed)} of {len(paths)} images done, outputs in {out}")
+    failures += failed
+    if failures:
+        print(f"{len(failures)} input(s) failed:", file=sys.stderr)
+        for _, message in failures:
+            print(f"  {message}", file=sys.stderr)
+        raise SystemExit(1)
+    return len(paths)

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from spar_pl.runner import command_help, end_process_group, lightning_cli
+from spar_pl.runner import UsageError, command_help, end_process_group, lightning_cli
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,8 @@ def user_message(err: BaseException) -> str:
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``spar-cli``. An ordinary user error (a missing or unreadable file or folder, a value out of
-    range, a checkpoint that does not match) prints one line naming it on stderr and exits with status 1."""
+    range, a checkpoint that does not match) prints one line naming it on stderr and exits with status 1; a wrong
+    argument (:class:`~spar_pl.runner.UsageError`, as the parser's own errors) with status 2."""
     argv = list(sys.argv[1:] if args is None else args)
     names = ",".join([*LIGHTNING_COMMANDS, "cache", *COMMANDS])
     if not argv or argv[0] in ("-h", "--help"):
@@ -369,6 +370,9 @@ def main(args: Sequence[str] | None = None) -> None:
         else:
             call(command, argv[1:])
         end_process_group()
+    except UsageError as err:  # a wrong argument: a usage error, as the parser's own
+        print(f"spar-cli {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (*USER_ERRORS, argparse.ArgumentError) as err:
         print(f"spar-cli {command}: error: {user_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None

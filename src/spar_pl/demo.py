@@ -1,4 +1,5 @@
-"""``spar-cli demo``: open-vocabulary segmentation in the browser (Gradio; ``pip install 'spar-pl[demo]'``).
+"""``spar-cli demo`` (:func:`serve`): open-vocabulary segmentation in the browser (Gradio; ``pip install
+'spar-pl[demo]'``).
 
 Upload an image or pick a generated shape scene, type the classes (one class a line, commas list synonyms: the
 syntax of class files and of ``--classes``), choose single pass, sliding window and/or a SPAR student, and see the
@@ -11,7 +12,7 @@ the user's max side (at most the server's); one request runs at a time (a queue)
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DemoModels", "build_app", "demo", "launch_options", "load_models", "segment_request"]
+from spar_pl.encoders import ModelSpec
+
+__all__ = ["DemoModels", "build_app", "launch_options", "load_models", "segment_request", "serve"]
 
 #: The modes a user can tick, in display order: (label, which model, segment mode).
 SINGLE, SLIDING, STUDENT = "single pass", "sliding window", "SPAR student"
@@ -189,92 +192,122 @@ def build_app(models: DemoModels):
     return app
 
 
-def load_models(args: argparse.Namespace, scene: tuple[Sequence[str], Image.Image] | None = None) -> DemoModels:
-    """The models of ``spar-cli demo``'s options: the shipped tiny model when no model is named (with generated
-    shape scenes); a named model starts with ``scene`` (its classes and example image), if given."""
-    from spar_pl.api import SPAR, load
+def load_models(
+    model: ModelSpec | None = None,
+    student: str | None = None,
+    device: str | None = None,
+    precision: str = "32-true",
+    stride: int = 24,
+    crop: int | None = None,
+    max_side: int = 512,
+    max_pixels: int = 40_000_000,
+    max_file_mb: int = 20,
+    scene: tuple[Sequence[str], Image.Image] | None = None,
+) -> DemoModels:
+    """The models the demo serves (:func:`serve`'s arguments): the shipped tiny model when ``model`` names none
+    (:func:`spar_pl.reproduce.shipped_spec`, with generated shape scenes); a named model starts with ``scene`` (its
+    classes and example image), if given. The student is the base model's architecture with a SPAR checkpoint's
+    weights, or an exported student (``hf-hub:``/``local-dir:``)."""
+    from spar_pl.api import load
     from spar_pl.hub import HUB_SCHEMES
+    from spar_pl.reproduce import TINY_MODEL, shipped_spec
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shipped = all(v is None for v in (args.backbone, args.model_name, args.weights, args.pretrained))
-    pretrained = args.pretrained if args.pretrained is not None else "default"
-    if shipped:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shipped = shipped_spec(model)
+    spec = shipped or model
+    base = load(spec, device=device, precision=precision)
+    if shipped is not None:
         from spar_pl.images import to_pil
-        from spar_pl.reproduce import TINY_MODEL, load_tiny
         from spar_pl.scenes import SHAPE_CLASSES, make_scenes
 
-        base = SPAR(load_tiny(device=device), "maskclip", precision=args.precision)
-        backbone, model_name, classes = "maskclip", TINY_MODEL, list(SHAPE_CLASSES)
-        scenes = make_scenes(3, 256, 0, "demo")[0]
-        examples = [to_pil(scene) for scene in scenes]
+        classes = list(SHAPE_CLASSES)
+        examples = [to_pil(image) for image in make_scenes(3, 256, 0, "demo")[0]]
         name = f"{TINY_MODEL} (shipped tiny model, pretrained on generated shape scenes)"
     else:
-        backbone, model_name = args.backbone, args.model_name
-        base = load(backbone, None, device, model_name, pretrained, args.weights, args.head_weights, args.precision)
         classes, examples = (list(scene[0]), [scene[1]]) if scene is not None else ([], [])
         name = base.model_name
-    student = None
-    if args.student is not None:
-        if args.student.startswith(HUB_SCHEMES):
-            student = load(args.student, device=device, precision=args.precision)
+    distilled = None
+    if student is not None:
+        if student.startswith(HUB_SCHEMES):
+            distilled = load(student, device=device, precision=precision)
         else:  # the base model's architecture with the checkpoint's weights
-            tag = None if shipped else pretrained
-            student = load(backbone, args.student, device, model_name, tag, None, None, args.precision)
+            shape = dataclasses.replace(spec, checkpoint=student, weights=None, head_weights=None)
+            distilled = load(shape, device=device, precision=precision)
     return DemoModels(
         base,
-        student,
+        distilled,
         classes,
         examples,
-        stride=args.stride,
-        crop=args.crop,
-        max_side=args.max_side,
-        max_pixels=args.max_pixels,
-        max_file_mb=args.max_file_mb,
+        stride=stride,
+        crop=crop,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        max_file_mb=max_file_mb,
         name=name,
     )
 
 
-def demo(argv: Sequence[str] | None = None, scene: tuple[Sequence[str], Image.Image] | None = None):
-    """``spar-cli demo``: the browser demo (the shipped tiny model by default; the usual model options). ``scene``:
-    the classes and example image a named model starts with."""
-    from spar_pl.families import backbone_names
-    from spar_pl.runner import command_help, positive_int
+def serve(
+    model: ModelSpec | None = None,
+    student: str | None = None,
+    device: str | None = None,
+    precision: str = "32-true",
+    stride: int = 24,
+    crop: int | None = None,
+    max_side: int = 512,
+    max_pixels: int = 40_000_000,
+    max_file_mb: int = 20,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    scene: tuple[Sequence[str], Image.Image] | None = None,
+):
+    """Open-vocabulary segmentation in the browser (Gradio; pip install 'spar-pl[demo]'): the shipped tiny model
+    spar-tiny-p8 on generated scenes when no model is named, else the named model; serves until Ctrl+C.
 
-    parser = argparse.ArgumentParser(prog="spar-cli demo", description=command_help(__doc__.split("\n\n")[0]))
-    parser.add_argument(
-        "--backbone",
-        default=None,
-        choices=backbone_names(),
-        help="a paper preset or a family (default: the family of --model-name's model; nothing named: the shipped "
-        "tiny model spar-tiny-p8 on generated scenes)",
-    )
-    parser.add_argument("--model-name", default=None, help="open_clip name, hf-hub:ORG/NAME or local-dir:PATH")
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the backbone's)")
-    parser.add_argument("--weights", default=None, help="local open_clip weights file; dinov3txt: the backbone .pth")
-    parser.add_argument("--head-weights", default=None, help="dinov3txt: the dino.txt head and text encoder .pth")
-    parser.add_argument("--student", default=None, help="a SPAR checkpoint, or hf-hub:/local-dir: id of a student")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
-    parser.add_argument("--stride", type=positive_int, default=24, help="sliding-window stride")
-    parser.add_argument("--crop", type=positive_int, default=None, help="sliding-window side (default: native)")
-    parser.add_argument("--max-side", type=positive_int, default=512, help="the largest max side a user may pick")
-    parser.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="uploads over this are refused")
-    parser.add_argument("--max-file-mb", type=positive_int, default=20, help="uploads over this are refused")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
-    parser.add_argument("--port", type=int, default=7860)
-    args = parser.parse_args(argv)
+    Args:
+        model: the model (default: the shipped tiny pretrained model).
+        student: a SPAR checkpoint (the model's architecture with its weights), or the ``hf-hub:``/``local-dir:``
+            id of an exported student: the "SPAR student" choice.
+        device: ``cuda``, ``cpu``, ... (default: ``cuda`` when available).
+        precision: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast of the encoder).
+        stride: sliding-window stride.
+        crop: sliding-window side (default: the model's native size).
+        max_side: the largest max side a user may pick.
+        max_pixels: uploads with more pixels are refused.
+        max_file_mb: uploads larger than this (megabytes) are refused.
+        host: where the server listens (``0.0.0.0`` serves other machines too).
+        port: the server's port.
+        scene: the classes and example image a named model starts with (default: a generated shape scene).
+
+    Returns:
+        The Gradio app, once the server stops.
+
+    Raises:
+        ValueError: a size below 1 or a port out of range.
+        SystemExit: Gradio is not installed, or the models cannot be loaded (one line).
+    """
+    sizes = {"--stride": stride, "--crop": crop, "--max-side": max_side, "--max-pixels": max_pixels}
+    for option, value in {**sizes, "--max-file-mb": max_file_mb}.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be a positive integer, got {value}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit("spar-cli demo needs Gradio: pip install 'spar-pl[demo]'") from None
+    if scene is None:
+        from spar_pl.scenes import SHAPE_CLASSES, scene_image
+
+        scene = (SHAPE_CLASSES, scene_image())  # a named model starts on a generated scene
     try:
-        models = load_models(args, scene)
+        models = load_models(model, student, device, precision, stride, crop, max_side, max_pixels, max_file_mb, scene)
     except (OSError, ValueError, RuntimeError) as err:
         raise SystemExit(str(err)) from err
     app = build_app(models)
-    print(f"spar-cli demo: {models.name} on {models.base.device}; http://{args.host}:{args.port} (Ctrl+C stops)")
-    app.queue(max_size=16).launch(**launch_options(models, args.host, args.port))
+    print(f"spar-cli demo: {models.name} on {models.base.device}; http://{host}:{port} (Ctrl+C stops)")
+    app.queue(max_size=16).launch(**launch_options(models, host, port))
     return app
 
 

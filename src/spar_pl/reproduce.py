@@ -17,6 +17,7 @@ dataset-level mIoU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import statistics
 import time
@@ -32,7 +33,7 @@ from open_clip import OPENAI_IMAGENET_TEMPLATES
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from spar_pl.distill import DistillModule
-from spar_pl.encoders import DenseEncoder, build_encoder
+from spar_pl.encoders import DenseEncoder, ModelSpec, build_encoder
 from spar_pl.fileio import save_safetensors
 from spar_pl.openvocab import OpenVocabHead
 from spar_pl.scenes import SHAPE_CLASSES, make_scenes
@@ -69,6 +70,18 @@ def load_tiny(
         return build_encoder(
             "maskclip", TINY_MODEL, pretrained=None, weights=weights or shipped_weights(), device=device, dense=dense
         )
+
+
+def shipped_spec(spec: ModelSpec | None = None) -> ModelSpec | None:
+    """The shipped tiny model (:data:`TINY_MODEL` with :func:`shipped_weights`) when ``spec`` names no model (no
+    backbone, model name or weights file, the default pretrained tag), with ``spec``'s other fields (``checkpoint``,
+    ``dense``, ...); ``None`` when ``spec`` names a model. What ``spar-cli quickstart`` and ``spar-cli demo`` run with
+    no model named."""
+    spec = spec or ModelSpec()
+    if (spec.backbone, spec.model_name, spec.weights, spec.pretrained) != (None, None, None, "default"):
+        return None
+    weights = str(shipped_weights())
+    return dataclasses.replace(spec, backbone="maskclip", model_name=TINY_MODEL, pretrained=None, weights=weights)
 
 
 # -- pretraining (stands in for CLIP's) ------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ _files = contextlib.ExitStack()  # packaged files made available as paths, for t
 atexit.register(_files.close)
 
 
+class UsageError(ValueError):
+    """A wrong argument of a command (a bad class list, an unknown mode, a value out of range): ``spar-cli`` answers
+    it as a usage error (one line, exit status 2); in Python it is a ``ValueError``."""
+
+
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an integer of at least 1."""
     value = int(text)
