@@ -98,10 +98,12 @@ def shipped_weights(model_name: str) -> Path | None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model, as users name it: the one description of a model that :func:`build_encoder`,
-    :func:`spar_pl.load`, :class:`~spar_pl.distill.DistillModule`, :class:`~spar_pl.evaluate.SegEvalModule`, the demo
-    and the ``spar-cli`` commands share. Its fields are their model options: keyword arguments in Python, flat keys
-    under ``model.init_args`` in configs, ``--backbone``, ``--model-name``, ... on the command line. How a model runs
+    """The model: what every entry point's model options name.
+
+    The one description of a model that :func:`build_encoder`, :func:`spar_pl.load`,
+    :class:`~spar_pl.distill.DistillModule`, :class:`~spar_pl.evaluate.SegEvalModule`, the demo and the ``spar-cli``
+    commands share. Its fields are their model options: keyword arguments in Python, flat keys under
+    ``model.init_args`` in configs, ``--backbone``, ``--model-name``, ... on the command line. How a model runs
     (device, precision) is not part of it.
 
     Args:

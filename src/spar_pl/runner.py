@@ -8,7 +8,6 @@ before any work, ``--ckpt_path last`` resumed in the same run). The shipped YAML
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import os
@@ -29,14 +28,6 @@ atexit.register(_files.close)
 class UsageError(ValueError):
     """A wrong argument of a command (a bad class list, an unknown mode, a value out of range): ``spar-cli`` answers
     it as a usage error (one line, exit status 2); in Python it is a ``ValueError``."""
-
-
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def command_help(doc: str) -> str:
