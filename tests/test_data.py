@@ -170,3 +170,77 @@ def test_nested_folders_keep_images_apart(images, tmp_path):
         (tmp_path / sub / "1.jpg").write_bytes(sorted((images / "train").glob("*.jpg"))[0].read_bytes())
     ids = sorted(s["id"] for s in StreamingImages(str(tmp_path), 2, shuffle_buffer=0))
     assert ids == ["a/1.jpg", "b/1.jpg"]
+
+
+def _batches(loader, count=None):
+    out = []
+    for batch in loader:
+        out.append((batch["id"][0], batch["image"]))
+        if len(out) == count:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_loader_resumes_mid_epoch_without_replay_or_skip(tmp_path, monkeypatch, workers):
+    """7 images (two workers: 4 and 3 each) stopped after 1..6 batches: a new loader restored from the state delivers
+    exactly the uninterrupted epoch's remaining images, in order, with the same augmentation; without workers the
+    passed-over images are not augmented."""
+    import spar_pl.data as data
+    from spar_pl.data import TrainingLoader, collate
+
+    write_sample_images(tmp_path, 7, seed=3, size=(48, 64))
+    small = AugmentConfig(box=(64, 48), min_side=32, keep_full_p=0.0)
+
+    def loader(epoch):
+        ds = StreamingImages(str(tmp_path), 7, augmentation=small, mode="fresh", shuffle_buffer=4)
+        ds.set_epoch(epoch)
+        return TrainingLoader(ds, batch_size=1, num_workers=workers, collate_fn=collate)
+
+    straight = _batches(loader(1))
+    assert len(straight) == 7
+    augmented = []
+    monkeypatch.setattr(data, "augment", lambda image, params: augmented.append(1) or augment(image, params))
+    for stop in range(1, 7):
+        first = loader(1)
+        head = _batches(first, stop)
+        state = first.state_dict()
+        resumed = loader(1)
+        resumed.load_state_dict(state)
+        augmented.clear()
+        tail = _batches(resumed)
+        got = head + tail
+        assert [i for i, _ in got] == [i for i, _ in straight], stop
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, straight)), stop
+        if workers == 0:
+            assert len(augmented) == 7 - stop  # the passed-over images are decoded only
+
+
+def test_training_loader_after_a_complete_epoch_and_with_other_workers(images):
+    """A state taken at an epoch's end restores nothing into the next epoch (it starts from its first image, with any
+    num_workers); resuming mid-epoch with another num_workers is one clear error."""
+    from spar_pl.data import TrainingLoader, collate
+
+    def loader(epoch, workers):
+        ds = StreamingImages(str(images / "train"), 6, shuffle_buffer=4)
+        ds.set_epoch(epoch)
+        return TrainingLoader(ds, batch_size=1, num_workers=workers, collate_fn=collate)
+
+    first = loader(0, 0)
+    _batches(first)
+    state = first.state_dict()
+    straight = [i for i, _ in _batches(loader(1, 0))]
+    for workers in (0, 2):
+        nxt = loader(1, workers)
+        nxt.load_state_dict(state)
+        assert sorted(i for i, _ in _batches(nxt)) == sorted(straight)
+    nxt = loader(1, 0)
+    nxt.load_state_dict(state)
+    assert [i for i, _ in _batches(nxt)] == straight
+    mid = loader(0, 0)
+    _batches(mid, 2)
+    other = loader(0, 2)
+    with pytest.raises(ValueError, match=r"num_workers=0; resuming mid-epoch needs the same \(got 2\)"):
+        other.load_state_dict(mid.state_dict())
+    with pytest.raises(ValueError, match="not a spar_pl.data.TrainingLoader's"):
+        other.load_state_dict({"epoch": 0, "consumed": [2], "num_workers": 0})

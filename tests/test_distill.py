@@ -156,6 +156,25 @@ def test_ckpt_path_last_resumes_in_the_same_root(images, tmp_path, monkeypatch):
     assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2  # both epochs' losses in the run's one metrics.csv
 
 
+def test_resume_from_the_last_batch_starts_the_next_epoch(images, tmp_path, monkeypatch):
+    """A 4-image epoch with last.ckpt every 4 steps: the checkpoint of the epoch's last batch (written before the
+    epoch's end) resumes with the next epoch, on the images of an uninterrupted run; at that boundary num_workers
+    may change."""
+    monkeypatch.chdir(ROOT)
+    four = ("--data.init_args.num_images", "4", *FRESH_WORKERS)
+    main(fit_args(images, tmp_path / "straight", "--trainer.max_epochs", "2", *four, *record(tmp_path / "a")))
+    root = tmp_path / "resumed"
+    main(fit_args(images, root, "--trainer.max_epochs", "1", *four, *record(tmp_path / "b")))
+    assert torch.load(next(root.rglob("last.ckpt")), weights_only=True)["global_step"] == 4
+    main(fit_args(images, root, "--trainer.max_epochs", "2", *four, *record(tmp_path / "b"), "--ckpt_path", "last"))
+    assert trained_ids(tmp_path / "b") == trained_ids(tmp_path / "a")
+    assert final_weights(root)[1] == 8
+    other = tmp_path / "other"
+    main(fit_args(images, other, "--trainer.max_epochs", "1", *four))
+    main(fit_args(images, other, "--trainer.max_epochs", "2", *four[:-1], "0", "--ckpt_path", "last"))
+    assert final_weights(other)[1] == 8
+
+
 def metrics_rows(root):
     """The rows of a run's one metrics.csv, as dicts of the non-empty values."""
     import csv

@@ -29,12 +29,20 @@ from spar_pl.fileio import write_text
 
 class DataEpoch(L.Callback):
     """Tell the data module (if it has ``set_epoch``/``end_epoch``) which epoch starts and which is complete: every
-    rank shuffles alike, and a checkpoint records the epoch a resumed run continues with."""
+    rank shuffles alike, and a checkpoint records the epoch a resumed run continues with.
+
+    An epoch is complete after its last batch (before the checkpoint callbacks, which Lightning runs last, save a
+    checkpoint at that step), or at its end when the loader ran out sooner.
+    """
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self.on_train_epoch_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
@@ -60,7 +68,7 @@ class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps and at every epoch's end: what ``--ckpt_path last`` resumes.
 
     A long epoch is not lost to a stop mid-epoch: the checkpoint holds the training loader's position
-    (:class:`~spar_pl.data.ResumableLoader`), so a resumed run continues with the next image. Lightning's
+    (:class:`~spar_pl.data.TrainingLoader`), so a resumed run continues with the next image. Lightning's
     ``ModelCheckpoint`` takes either a step or an epoch interval, not both: the step interval is its own, the
     epoch end is written here with ``Trainer.save_checkpoint`` (once, when the step interval did not just write
     it). No other file is kept. A ``ModelCheckpoint`` still, so that Lightning's ``ckpt_path="last"`` finds it.

@@ -249,6 +249,7 @@ _NOISE_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen teacher, in eval mode on purpose
     r"Total length of `list` across ranks is zero",  # DistillDataModule's empty validation list (no val_source)
     r"Couldn't infer the batch indices",  # spar-cli cache's writer names entries by image id, not by index
+    r"'set_vital' is deprecated",  # torch's, inside torchdata's StatefulDataLoader (the training loader)
 )
 
 

@@ -26,6 +26,7 @@ from datasets import Features, IterableDataset, Value, load_dataset
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from spar_pl.images import IMAGE_SUFFIXES, read_rgb8
 
@@ -203,6 +204,11 @@ class StreamingImages(torch.utils.data.IterableDataset):
     Equal sample counts on every rank keep DDP in step even when the source does not split evenly or a
     file is corrupt: a rank whose share runs out early continues from its shard again (next epoch seed).
 
+    The stream is deterministic for an epoch, and it is stateful in each loader worker (the protocol torchdata's
+    ``StatefulDataLoader`` calls there, :meth:`state_dict`/:meth:`load_state_dict`): its state is the epoch and the
+    samples this worker has delivered of it, and a restored worker passes over exactly those (decoding them, without
+    augmentation) before it yields the next one.
+
     Args:
         source: see :func:`open_source`.
         per_rank: samples this rank yields per epoch; ``None``: one pass over this rank's share, each usable
@@ -235,7 +241,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.multiple = shuffle_buffer, multiple
         self.epoch = 0
         self._opened = None
-        self.resume: list[int] | None = None  # samples already consumed per loader worker (ResumableLoader)
+        self.delivered = 0  # samples this process (loader worker) has delivered of the epoch
+        self.resume_at = 0  # samples the next iteration passes over (load_state_dict), then 0 again
         self.skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
 
     def __len__(self) -> int:
@@ -248,6 +255,14 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.epoch = epoch
         with self.skipped.get_lock():
             self.skipped.value = 0
+
+    def state_dict(self) -> dict:
+        """The epoch and the samples this process (loader worker) has delivered of it."""
+        return {"epoch": self.epoch, "delivered": self.delivered}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue ``state``'s epoch after the samples it had delivered (the next iteration passes over them)."""
+        self.epoch, self.resume_at = int(state["epoch"]), int(state["delivered"])
 
     def _rank_stream(self, epoch: int):
         """This rank's share of the source, shuffled for the epoch (loader workers then split it by shards)."""
@@ -308,9 +323,11 @@ class StreamingImages(torch.utils.data.IterableDataset):
         quotas = self.worker_quotas(num_workers)
         if worker >= len(quotas):
             return iter(())
-        quota = quotas[worker]
-        skip = self.resume[worker] if self.resume is not None else 0  # read now: the loader clears it after
-        return self._samples(worker, quota, skip)
+        skip, self.resume_at = self.resume_at, 0
+        self.delivered = skip
+        if skip >= quotas[worker]:
+            return iter(())
+        return self._samples(worker, quotas[worker], skip)
 
     def _samples(self, worker: int, quota: int, skip: int) -> Iterator[dict]:
         produced, passes, bad = 0, 0, set()
@@ -319,6 +336,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
             for sample in self._stream(self.epoch * 1000 + passes, skip - produced, bad):
                 produced += 1
                 if sample is not None:
+                    self.delivered = produced  # before the yield: a snapshot taken after this sample includes it
                     yield sample
                 if produced == quota:
                     return
@@ -328,103 +346,49 @@ class StreamingImages(torch.utils.data.IterableDataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack a batch; images of different sizes are centre-cropped to the smallest common size.
-
-    The batch also names the loader worker that made it (``worker``), which :class:`ResumableLoader` counts.
-    """
+    """Stack a batch; images of different sizes are centre-cropped to the smallest common size."""
     h = min(s["image"].shape[1] for s in samples)
     w = min(s["image"].shape[2] for s in samples)
     crops = []
     for s in samples:
         top, left = (s["image"].shape[1] - h) // 2, (s["image"].shape[2] - w) // 2
         crops.append(s["image"][:, top : top + h, left : left + w])
-    info = torch.utils.data.get_worker_info()
-    return {
-        "image": torch.stack(crops),
-        "id": [s["id"] for s in samples],
-        "content": [s["content"] for s in samples],
-        "worker": info.id if info is not None else 0,
-    }
+    return {"image": torch.stack(crops), "id": [s["id"] for s in samples], "content": [s["content"] for s in samples]}
 
 
-def _collate_eval(samples: list[dict]) -> dict:
-    batch = collate(samples)
-    del batch["worker"]
-    return batch
+class TrainingLoader(StatefulDataLoader):
+    """The training loader: torchdata's ``StatefulDataLoader``, whose position Lightning saves in checkpoints and
+    restores before a resumed run's first batch.
 
-
-class ResumableLoader(torch.utils.data.DataLoader):
-    """The training loader: Lightning saves its position in checkpoints and resumes from it mid-epoch.
-
-    Lightning calls ``state_dict`` when it writes a checkpoint (also every ``N`` steps, with
-    ``ModelCheckpoint(every_n_train_steps=N)``) and ``load_state_dict`` before the resumed run's first batch.
-    The state is the epoch and the samples each loader worker has delivered so far: the stream is deterministic
-    for an epoch, so a resumed worker passes over exactly those (decoding them, without augmentation) and the run
-    trains on the images an uninterrupted run would, in the same order, with the same augmentation. A checkpoint
-    taken at an epoch's end resumes with the next epoch. Keep ``num_workers`` when resuming mid-epoch.
+    torchdata keeps the position: the batches delivered, the worker that delivered the last one (a resumed iteration
+    continues the workers' rotation from the next), and each worker's :class:`StreamingImages` state, sent with every
+    batch (``snapshot_every_n_steps=1``, so a checkpoint at any step restores without replaying a batch). The run
+    trains on the images an uninterrupted run would, in the same order, with the same augmentation. Around torchdata's
+    state this loader keeps the epoch and ``num_workers``: a position in an epoch that the data module has since
+    completed is not restored (the run starts the next epoch from its first image, with any ``num_workers``), and
+    resuming mid-epoch with another ``num_workers`` is a ``ValueError`` naming both. Its dataset is a
+    :class:`StreamingImages`; the arguments are ``StatefulDataLoader``'s.
     """
 
-    def __init__(self, dataset: StreamingImages, **kwargs) -> None:
-        super().__init__(dataset, **kwargs)
-        self._epoch = dataset.epoch
-        self._consumed = [0] * max(1, self.num_workers)
-        self._last = -1  # the worker that delivered the last batch
-
     def state_dict(self) -> dict:
-        """The epoch of the running (or last) iteration and the samples consumed per loader worker."""
-        return {
-            "epoch": self._epoch,
-            "consumed": list(self._consumed),
-            "last_worker": self._last,
-            "num_workers": self.num_workers,
-        }
+        """The stream's epoch, ``num_workers`` and torchdata's position (``position``)."""
+        return {"epoch": self.dataset.epoch, "num_workers": self.num_workers, "position": super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` was taken (the next epoch if that epoch was complete)."""
-        if state.get("num_workers") != self.num_workers:
+        """Continue where ``state`` was taken, unless its epoch is not the stream's (complete: start afresh)."""
+        if not isinstance(state, dict) or not {"epoch", "num_workers", "position"} <= state.keys():
             raise ValueError(
-                f"the checkpoint's training loader had num_workers={state.get('num_workers')}; resuming mid-epoch "
+                "the checkpoint's training loader state is not a spar_pl.data.TrainingLoader's (it needs epoch, "
+                "num_workers and position): resume from a checkpoint of this version, or start the run afresh"
+            )
+        if state["epoch"] != self.dataset.epoch:
+            return
+        if state["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's training loader had num_workers={state['num_workers']}; resuming mid-epoch "
                 f"needs the same (got {self.num_workers}): set data.init_args.num_workers back"
             )
-        dataset = self.dataset
-        if sum(state["consumed"]) >= len(dataset):
-            dataset.set_epoch(state["epoch"] + 1)
-        else:
-            dataset.set_epoch(state["epoch"])
-            dataset.resume = list(state["consumed"])
-            self._last = state["last_worker"]
-
-    def __iter__(self) -> Iterator[dict]:
-        dataset = self.dataset
-        self._epoch = dataset.epoch
-        if dataset.resume is None:
-            self._consumed, self._last = [0] * max(1, self.num_workers), -1
-        else:
-            self._consumed = list(dataset.resume)
-        # the dataset reads its resume point here (loader workers start and copy it); later iterations start afresh
-        iterator = super().__iter__()
-        dataset.resume = None
-        return self._in_order(iterator, dataset.worker_quotas(self.num_workers))
-
-    def _in_order(self, iterator, quotas: list[int]) -> Iterator[dict]:
-        """Batches in the workers' round-robin order, continued from the last worker (a resumed ``DataLoader``
-        starts its rotation at worker 0); a no-op for an uninterrupted iteration."""
-        pending: dict[int, list[dict]] = {}
-
-        def expected() -> int | None:
-            for k in range(1, len(quotas) + 1):
-                w = (self._last + k) % len(quotas)
-                if self._consumed[w] < quotas[w]:
-                    return w
-            return None
-
-        for batch in iterator:
-            pending.setdefault(batch.pop("worker"), []).append(batch)
-            while (w := expected()) is not None and pending.get(w):
-                ready = pending[w].pop(0)
-                self._consumed[w] += len(ready["id"])
-                self._last = w
-                yield ready
+        super().load_state_dict(state["position"])
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -540,7 +504,7 @@ class DistillDataModule(L.LightningDataModule):
             shuffle_buffer=0,
             multiple=multiple,
         )
-        return torch.utils.data.DataLoader(stream, batch_size=1, num_workers=hp.num_workers, collate_fn=_collate_eval)
+        return torch.utils.data.DataLoader(stream, batch_size=1, num_workers=hp.num_workers, collate_fn=collate)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -571,19 +535,17 @@ class DistillDataModule(L.LightningDataModule):
         """Unreadable images skipped so far by the training stream on this rank."""
         return self.train_set.skipped.value if self.train_set is not None else 0
 
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self) -> TrainingLoader:
         # Lightning creates the first iterator (and starts loader workers) before on_train_epoch_start: set the epoch
         # now (restored from a checkpoint: the epoch the run continues with; the loader then restores its position)
         self.train_set.set_epoch(self.epoch)
-        workers = self.hparams.num_workers
-        return ResumableLoader(
-            self.train_set, batch_size=self.hparams.batch_size, num_workers=workers, collate_fn=collate
-        )
+        hp = self.hparams
+        return TrainingLoader(self.train_set, batch_size=hp.batch_size, num_workers=hp.num_workers, collate_fn=collate)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         if self.val_set is None:
             return []
         workers = self.hparams.num_workers
-        return torch.utils.data.DataLoader(self.val_set, batch_size=1, num_workers=workers, collate_fn=_collate_eval)
+        return torch.utils.data.DataLoader(self.val_set, batch_size=1, num_workers=workers, collate_fn=collate)
 
     predict_dataloader = val_dataloader
