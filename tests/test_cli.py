@@ -59,6 +59,12 @@ def user_errors(tmp):
         (["segment", str(tmp / "imgs"), "--classes", "a, b", "--out", str(tmp / "file")], "is a file, not a folder"),
         (["reproduce-tiny", "--out", str(tmp / "file" / "r")], "file/r cannot be created"),
         (["pretrain-tiny", "--out", str(tmp / "file" / "w.safetensors")], "is a file, not a folder"),
+        (["pretrain-tiny", "--out", str(tmp / "imgs")], "imgs is a folder: name the .safetensors file"),
+        (["table", "--ckpt", str(tmp / "none.ckpt"), "--results", str(tmp / "r")], "(--ckpt) not found: "),
+        (["table", "--tiny", "--ckpt", str(tmp / "bad.ckpt")], "--ckpt and --tiny exclude each other"),
+        (["reproduce-tiny", "--lr", "0", "--out", str(tmp / "r")], "--lr must be above 0, got 0.0"),
+        (["tiny-data", str(tmp / "file" / "d")], "file/d cannot be created"),
+        (["segment", str(tmp / "imgs"), "--classes", "a", "b", "--out", ""], "output folder (--out): an empty name"),
     ]
 
 
