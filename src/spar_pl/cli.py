@@ -1,9 +1,9 @@
 """``spar-cli``: the command line, a thin shell over library functions.
 
 ``spar-cli fit|validate|test|predict --config ...`` is a LightningCLI (``spar-cli fit --help``); ``spar-cli cache
---config ...`` runs the distillation config's teacher into its feature cache. Every other command calls one library
-function with the same arguments (:data:`COMMANDS`): jsonargparse builds its options from the function's signature
-and docstring, model options from :class:`~spar_pl.encoders.ModelSpec`'s fields, so the command line, the Python API
+--config ...`` runs the distillation config's teacher into its feature cache. Every other command calls the library
+function named beside it with the same arguments: its options are the function's parameters, its model options
+(``--backbone``, ``--model-name``, ...) the fields of :class:`spar_pl.ModelSpec`, so the command line, the Python API
 and the notebook take one road.
 
   quickstart      the whole feature path on one image, then SPAR's effect (spar_pl.quickstart)
