@@ -59,6 +59,12 @@ def user_errors(tmp):
         (["segment", str(tmp / "imgs"), "--classes", "a, b", "--out", str(tmp / "file")], "is a file, not a folder"),
         (["reproduce-tiny", "--out", str(tmp / "file" / "r")], "file/r cannot be created"),
         (["pretrain-tiny", "--out", str(tmp / "file" / "w.safetensors")], "is a file, not a folder"),
+        (["pretrain-tiny", "--out", str(tmp / "imgs")], "imgs is a folder: name the .safetensors file"),
+        (["table", "--ckpt", str(tmp / "none.ckpt"), "--results", str(tmp / "r")], "(--ckpt) not found: "),
+        (["table", "--tiny", "--ckpt", str(tmp / "bad.ckpt")], "--ckpt and --tiny exclude each other"),
+        (["reproduce-tiny", "--lr", "0", "--out", str(tmp / "r")], "--lr must be above 0, got 0.0"),
+        (["tiny-data", str(tmp / "file" / "d")], "file/d cannot be created"),
+        (["segment", str(tmp / "imgs"), "--classes", "a", "b", "--out", ""], "output folder (--out): an empty name"),
     ]
 
 
@@ -138,3 +144,51 @@ def test_help_shows_no_docstring_markup(capsys):
             main(argv)
         out = capsys.readouterr().out
         assert exc.value.code == 0 and "``" not in out and ":func:" not in out and ":mod:" not in out, argv
+
+
+def test_normalise_args_spellings_and_positionals():
+    from spar_pl.cli import COMMANDS, _kinds, normalise_args
+    from spar_pl.runner import UsageError
+
+    segment = COMMANDS["segment"]
+    kinds = _kinds(segment.function(), segment.skip)
+
+    def norm(*argv):
+        return normalise_args(argv, kinds, segment.positionals)
+
+    assert norm("a.png", "--max-side", "9", "--out=o") == ["--max_side=9", "--out=o", '--inputs=["a.png"]']
+    assert norm("--classes", "a", "b, c", "--logit-scale", "-1") == ['--classes=["a", "b, c"]', "--logit_scale=-1"]
+    assert norm("--classes", '["a", "b"]') == ['--classes=["a", "b"]']
+    assert norm("--save-probs") == ["--save_probs=true"] and norm("--save-probs", "false") == ["--save_probs=false"]
+    assert norm("--no-save-probs") == ["--save_probs", "false"]
+    assert norm("--out", "o", "--", "-x.png", "--y.png") == ["--out=o", '--inputs=["-x.png", "--y.png"]']
+    assert norm("--out", "-dash folder") == ["--out=-dash folder"]
+    tiny = COMMANDS["tiny-data"]
+    with pytest.raises(UsageError, match="unexpected arguments: b c"):
+        normalise_args(["a", "b", "c"], _kinds(tiny.function(), tiny.skip), tiny.positionals)
+    reproduce = COMMANDS["reproduce-tiny"]
+    with pytest.raises(UsageError, match="--seeds: 'a' is not an integer"):
+        normalise_args(["--seeds", "0", "a"], _kinds(reproduce.function(), reproduce.skip), ())
+
+
+def test_wrong_arguments_are_one_line_and_exit_2(tmp_path, capsys):
+    write_sample_images(tmp_path / "imgs", 1, seed=0, size=(48, 64))
+    for args, expected in [
+        (["tiny-data", str(tmp_path / "d"), "extra"], "unexpected arguments: extra"),
+        (["reproduce-tiny", "--seeds", "x"], "--seeds: 'x' is not an integer"),
+        (
+            ["segment", str(tmp_path / "imgs"), "--classes", "a", "b", "--stride", "2.5"],
+            "--stride: expected an integer, got '2.5'",
+        ),
+        (["tiny-data", "--train", "many"], "--train: expected an integer, got 'many'"),
+        (
+            ["segment", "--classes", "a", "b", "c.png", "--out", "o"],
+            "the following arguments are required: inputs (usage: ",
+        ),
+        (["segment", "--out", "o", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"spar-cli {args[0]}: error: {expected}")

@@ -109,6 +109,21 @@ def test_checkpoint_has_no_teacher_and_export_loads(images, tmp_path):
         torch.testing.assert_close(encoder(x), module.student(x))
 
 
+def test_checkpoint_starts_the_student_and_the_teacher_stays_pretrained(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tiny_module()
+    trained = {k: v + 0.5 for k, v in plain.student.model.state_dict().items()}  # a "distilled" student
+    save_file(trained, tmp_path / "student.safetensors")
+    module = tiny_module(checkpoint=str(tmp_path / "student.safetensors"))
+    student = module.student.model.state_dict()
+    assert all(torch.equal(student[k], trained[k]) for k in trained)
+    teacher, pretrained = module.teacher.encoder.model.visual, plain.teacher.encoder.model.visual
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), pretrained.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.ckpt"):
+        tiny_module(checkpoint=str(tmp_path / "missing.ckpt"))
+
+
 def final_weights(root):
     found = list(root.rglob("last.ckpt"))
     assert len(found) == 1, found  # one run folder: the resumed run continued in it

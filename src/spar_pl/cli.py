@@ -1,9 +1,9 @@
 """``spar-cli``: the command line, a thin shell over library functions.
 
 ``spar-cli fit|validate|test|predict --config ...`` is a LightningCLI (``spar-cli fit --help``); ``spar-cli cache
---config ...`` runs the distillation config's teacher into its feature cache. Every other command calls one library
-function with the same arguments (:data:`COMMANDS`): jsonargparse builds its options from the function's signature
-and docstring, model options from :class:`~spar_pl.encoders.ModelSpec`'s fields, so the command line, the Python API
+--config ...`` runs the distillation config's teacher into its feature cache. Every other command calls the library
+function named beside it with the same arguments: its options are the function's parameters, its model options
+(``--backbone``, ``--model-name``, ...) the fields of :class:`spar_pl.ModelSpec`, so the command line, the Python API
 and the notebook take one road.
 
   quickstart      the whole feature path on one image, then SPAR's effect (spar_pl.quickstart)
@@ -31,6 +31,7 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import sys
 import types
 import typing
@@ -124,22 +125,39 @@ def _list_value(values: list[str], element: type | None, option: str) -> str:
         return values[0]  # already a list: --seeds "[0, 1]"
     try:
         return json.dumps([element(v) if element in (int, float) else v for v in values])
-    except ValueError as err:
-        raise argparse.ArgumentError(None, f"{option}: {err}") from None
+    except ValueError:
+        kind = "an integer" if element is int else "a number"
+        bad = next(v for v in values if not _converts(element, v))
+        raise UsageError(f"{option}: {bad!r} is not {kind}") from None
+
+
+def _converts(element: type, value: str) -> bool:
+    try:
+        element(value)
+    except ValueError:
+        return False
+    return True
 
 
 def normalise_args(argv: Sequence[str], kinds: dict, positionals: Sequence[str]) -> list[str]:
     """``argv`` as jsonargparse reads it: ``--max-side`` spelled ``--max_side``, a list option's values one after
     another as one JSON list, a yes/no option alone as ``true`` (``--no-X``: ``false``), positional arguments as
-    the options they stand for. What it does not know (``--help``, a misspelt option) passes unchanged, for
-    jsonargparse to answer."""
+    the options they stand for; after ``--`` every argument is positional (a file named ``-x``). What it does not
+    know (``--help``, a misspelt option) passes unchanged, for jsonargparse to answer.
+
+    Raises:
+        UsageError: a positional argument the command does not take, or a list value that is not a number.
+    """
     out: list[str] = []
     bare: list[str] = []
     i = 0
     while i < len(argv):
         token = argv[i]
         i += 1
-        if not token.startswith("--") or token == "--":
+        if token == "--":
+            bare += argv[i:]
+            break
+        if not token.startswith("--"):
             (out if token.startswith("-") and token != "-" else bare).append(token)
             continue
         name, eq, value = token[2:].partition("=")
@@ -171,19 +189,33 @@ def normalise_args(argv: Sequence[str], kinds: dict, positionals: Sequence[str])
         else:
             out.append(f"--{key}")  # jsonargparse says the value is missing
             continue
-        out += [f"--{key}", _list_value(values, element, f"--{name}") if kind == "list" else values[0]]
+        value = _list_value(values, element, f"--{name}") if kind == "list" else values[0]
+        out.append(f"--{key}={value}")  # one token: a value such as "-x" is not taken for an option
     for name in positionals:
         if not bare:
             break
         kind, element = kinds[name]
         if kind == "list":
-            out += [f"--{name}", _list_value(bare, element, name.upper())]
+            out.append(f"--{name}={_list_value(bare, element, name.upper())}")
             bare = []
         else:
-            out += [f"--{name}", bare.pop(0)]
+            out.append(f"--{name}={bare.pop(0)}")  # one token: a value such as "-x" is not taken for an option
     if bare:
-        raise argparse.ArgumentError(None, f"unexpected arguments: {' '.join(bare)}")
+        raise UsageError(f"unexpected arguments: {' '.join(bare)}")
     return out
+
+
+def parser_message(message: str) -> str:
+    """jsonargparse's error message in one line, options as users type them: ``Parser key "max_side": Expected a
+    <class 'int'>. Got value: x`` -> ``--max-side: expected an int, got 'x'``."""
+    text = re.sub(r'Parser key "(\w+)":', lambda m: f"--{m.group(1).replace('_', '-')}:", message)
+    kinds = {"int": "an integer", "float": "a number", "bool": "true or false"}
+    text = re.sub(
+        r"Expected a <class '(\w+)'>\. Got value: (.*)",
+        lambda m: f"expected {kinds.get(m.group(1), m.group(1))}, got {m.group(2)!r}",
+        text,
+    )
+    return " ".join(text.split())
 
 
 def command_parser(name: str, command: Command):
@@ -202,6 +234,12 @@ def command_parser(name: str, command: Command):
             for key in _kinds(func, command.skip):
                 text = text.replace(f"--{key} ", f"--{key.replace('_', '-')} ")
             return text
+
+        def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+            text = parser_message(message)
+            if "arguments are required" in text:
+                text += f" (usage: {command.usage})"
+            raise UsageError(text) from ex  # one line, as every other wrong argument
 
     parser = Parser(prog=f"spar-cli {name}", usage=command.usage, description=command_help(doc.split("\n\n")[0]))
     parser.add_function_arguments(func, skip=set(command.skip) | {"model"}, as_group=False)

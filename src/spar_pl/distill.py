@@ -8,6 +8,7 @@ policies see it) in eval mode without gradients, kept out of checkpoints by :met
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from spar_pl.data import with_multiple
 from spar_pl.encoders import DenseEncoder, ModelSpec
 from spar_pl.images import READER_VERSION
 from spar_pl.sliding import SlidingWindowTeacher
+from spar_pl.weights import load_checkpoint
 
 #: the checkpoint entry holding the running epoch's training-loss sums
 TRAIN_LOSS_KEY = "train_loss_sums"
@@ -30,7 +32,9 @@ class DistillModule(L.LightningModule):
 
     The student is the model its :class:`~spar_pl.encoders.ModelSpec` fields name (``backbone``, ``model_name``,
     ``pretrained``, ``weights``, ``head_weights``, ``checkpoint``, ``dense``: flat keys under ``model.init_args``);
-    the teacher is a frozen copy of it as built (``dense``: the recipe of both).
+    the teacher is a frozen copy of the pretrained model (``dense``: the recipe of both). A ``checkpoint`` (a SPAR
+    student to distil further) is loaded into the student only: the teacher stays the pretrained model's sliding
+    window, the paper's target, so its weights are needed as without a checkpoint.
 
     Args:
         crop: teacher window side (default: the largest multiple of the student's patch within the model's
@@ -59,9 +63,10 @@ class DistillModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        #: the student's model (the teacher is a frozen copy of it as built)
+        #: the student's model (the teacher is a frozen copy of it without the checkpoint)
         self.spec = ModelSpec(**model)
-        self.student: DenseEncoder = self.spec.build()
+        self.spec.check_files()  # a missing checkpoint is named before the pretrained model is built
+        self.student: DenseEncoder = dataclasses.replace(self.spec, checkpoint=None).build()
         self.trainable_names = self.student.set_trainable(trainable)
         # The teacher copies the vision tower only; the text tower (frozen, unused by the loss) stays shared.
         model = self.student.model
@@ -69,6 +74,8 @@ class DistillModule(L.LightningModule):
         shared.update({id(p): p for _, p in model.named_parameters(recurse=False)})
         teacher_encoder = copy.deepcopy(self.student, memo=shared).eval().requires_grad_(False)
         self.teacher = SlidingWindowTeacher(teacher_encoder, crop, stride, window_batch).eval()
+        if self.spec.checkpoint is not None:
+            load_checkpoint(self.student, self.spec.checkpoint)
         self.student.train()
         self.cache: TeacherCache | None = None
         #: the epoch's mean training loss (``train/loss_epoch``); its state is saved in checkpoints, so an epoch

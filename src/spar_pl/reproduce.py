@@ -547,7 +547,7 @@ def reproduce_tiny(
         students: when given, receives each seed's distilled student (``students[seed]``).
 
     Raises:
-        ValueError: no seed, a count below 1, or an unknown dense recipe.
+        ValueError: no seed, a count below 1, a learning rate not above 0, or an unknown dense recipe.
         NotADirectoryError, PermissionError: an output folder that cannot be written (before any work).
     """
     from spar_pl.fileio import write_text
@@ -559,6 +559,8 @@ def reproduce_tiny(
     _check_positive(eval_images=eval_images, distill_steps=distill_steps, distill_batch=distill_batch)
     if threads is not None:
         _check_positive(threads=threads)
+    if not lr > 0:
+        raise ValueError(f"--lr must be above 0, got {lr}")
     if dense is not None:
         check_recipe(dense)
     check_writable(out, "output folder (--out)")  # before minutes of work
@@ -607,11 +609,14 @@ def pretrain_tiny(
     Raises:
         ValueError: a count below 1.
         NotADirectoryError, PermissionError: an output folder that cannot be written (before any work).
+        IsADirectoryError: ``out`` is a folder (before any work).
     """
     from spar_pl.runner import check_writable
 
     _check_positive(steps=steps, batch_size=batch_size, threads=threads)
     path = Path(out) if out else shipped_weights()
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder: name the .safetensors file to write")
     check_writable(path.parent, "output folder")  # before minutes of work
     torch.set_num_threads(threads)
     pretrain(path, seed=seed, steps=steps, batch_size=batch_size)

@@ -139,7 +139,9 @@ def resolve_configs(args: Sequence[str]) -> list[str]:
 def check_writable(folder: str | Path, what: str) -> Path:
     """Check, before any work, that files can be written in ``folder`` (an existing folder is tried with a
     temporary file; a missing one needs a writable existing parent folder; nothing is created). Raises
-    ``NotADirectoryError``/``PermissionError`` naming it."""
+    ``NotADirectoryError``/``PermissionError`` naming it; ``ValueError`` for an empty name."""
+    if not str(folder).strip():
+        raise ValueError(f"{what}: an empty name; give a folder (. for this one)")
     folder = Path(folder)
     if folder.exists():
         if not folder.is_dir():

@@ -247,10 +247,15 @@ def table(
         tiny: tiny model and generated benchmarks (CPU, offline).
 
     Raises:
-        FileNotFoundError: no such backbone config, or (``render_only``) no results file.
+        FileNotFoundError: no such backbone config, no ``ckpt`` file, or (``render_only``) no results file.
+        ValueError: ``ckpt`` with ``tiny`` (which distils its own).
         NotADirectoryError, PermissionError: a results folder that cannot be written.
     """
     folder = Path(results)
+    if tiny and ckpt is not None:
+        raise ValueError("--ckpt and --tiny exclude each other: the tiny table distils its own SPAR checkpoint")
+    if ckpt is not None and not render_only and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint (--ckpt) not found: {ckpt}")  # before the hours of the other rows
     if render_only:
         name = tiny_twin(backbone)[0] if tiny else backbone
         text = render_table(folder / f"{name}.json", folder / f"{name}.md", None, *table_rows(name))

@@ -153,10 +153,17 @@ def write_tiny_data(out: str = "data/tiny", train: int = 12, val: int = 4) -> Pa
         out: the folder to write.
         train: training images.
         val: validation images.
+
+    Raises:
+        ValueError: a count below 0.
+        NotADirectoryError, PermissionError: a folder that cannot be written (before any image).
     """
+    from spar_pl.runner import check_writable
+
     for name, count in (("train", train), ("val", val)):
         if count < 0:
             raise ValueError(f"--{name} must be at least 0, got {count}")
+    check_writable(out, "output folder")
     write_sample_images(Path(out) / "train", train, seed=0)
     write_sample_images(Path(out) / "val", val, seed=1)
     print(f"wrote {train} train and {val} val images under {out}")
