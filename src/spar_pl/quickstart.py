@@ -174,6 +174,7 @@ def quickstart(
         result = student.segment(picture, entries)
         result.save(out, "spar", name="{kind}_{stem}")
         masks["spar"] = result.mask
+        print(f"wrote {out}/overlay_spar.png, labels_spar.png")
     figure = side_by_side(picture, truth, masks, seconds, names, out / "quickstart.png")
     numbers.update({f"image_mIoU_{k}": v for k, v in figure.items()})
     scores = ", ".join(f"{k} mIoU {v:.1f}" for k, v in figure.items())
