@@ -232,7 +232,8 @@ def command_parser(name: str, command: Command):
         def format_help(self) -> str:  # options as users type them: --max-side
             text = command_help(super().format_help())
             for key in _kinds(func, command.skip):
-                text = text.replace(f"--{key} ", f"--{key.replace('_', '-')} ")
+                if "_" in key:  # the option itself and its name in other options' help
+                    text = re.sub(rf"(?<![\w-])(--)?{key}\b", f"--{key.replace('_', '-')}", text)
             return text
 
         def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
