@@ -197,17 +197,14 @@ def load_models(
     student: str | None = None,
     device: str | None = None,
     precision: str = "32-true",
-    stride: int = 24,
-    crop: int | None = None,
-    max_side: int = 512,
-    max_pixels: int = 40_000_000,
-    max_file_mb: int = 20,
     scene: tuple[Sequence[str], Image.Image] | None = None,
+    **bounds,
 ) -> DemoModels:
     """The models the demo serves (:func:`serve`'s arguments): the shipped tiny model when ``model`` names none
     (:func:`spar_pl.reproduce.shipped_spec`, with generated shape scenes); a named model starts with ``scene`` (its
     classes and example image), if given. The student is the base model's architecture with a SPAR checkpoint's
-    weights, or an exported student (``hf-hub:``/``local-dir:``)."""
+    weights, or an exported student (``hf-hub:``/``local-dir:``). ``bounds``: :class:`DemoModels`' window and
+    request bounds (``stride``, ``crop``, ``max_side``, ``max_pixels``, ``max_file_mb``)."""
     from spar_pl.api import load
     from spar_pl.hub import HUB_SCHEMES
     from spar_pl.reproduce import TINY_MODEL, shipped_spec
@@ -233,18 +230,7 @@ def load_models(
         else:  # the base model's architecture with the checkpoint's weights
             shape = dataclasses.replace(spec, checkpoint=student, weights=None, head_weights=None)
             distilled = load(shape, device=device, precision=precision)
-    return DemoModels(
-        base,
-        distilled,
-        classes,
-        examples,
-        stride=stride,
-        crop=crop,
-        max_side=max_side,
-        max_pixels=max_pixels,
-        max_file_mb=max_file_mb,
-        name=name,
-    )
+    return DemoModels(base, distilled, classes, examples, name=name, **bounds)
 
 
 def serve(
@@ -286,10 +272,16 @@ def serve(
         ValueError: a size below 1 or a port out of range.
         SystemExit: Gradio is not installed, or the models cannot be loaded (one line).
     """
-    sizes = {"--stride": stride, "--crop": crop, "--max-side": max_side, "--max-pixels": max_pixels}
-    for option, value in {**sizes, "--max-file-mb": max_file_mb}.items():
+    bounds = {
+        "stride": stride,
+        "crop": crop,
+        "max_side": max_side,
+        "max_pixels": max_pixels,
+        "max_file_mb": max_file_mb,
+    }
+    for key, value in bounds.items():
         if value is not None and value < 1:
-            raise ValueError(f"{option} must be a positive integer, got {value}")
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {port}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
@@ -302,7 +294,7 @@ def serve(
 
         scene = (SHAPE_CLASSES, scene_image())  # a named model starts on a generated scene
     try:
-        models = load_models(model, student, device, precision, stride, crop, max_side, max_pixels, max_file_mb, scene)
+        models = load_models(model, student, device, precision, scene, **bounds)
     except (OSError, ValueError, RuntimeError) as err:
         raise SystemExit(str(err)) from err
     app = build_app(models)
